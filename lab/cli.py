@@ -1,0 +1,235 @@
+"""The `lab` command line. Each subcommand imports what it needs when it runs, so that
+`lab --help` answers without importing torch.
+
+Errors a user can fix (bad config value, unknown key, missing file, bad run name) print one line,
+`lab: error: ...`, and exit with code 2; Ctrl-C exits with 130 after saving a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class UserError(Exception):
+    """Raised by commands for a problem the user can fix; printed as one line, exit code 2."""
+
+
+def _add_runs_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--runs-dir", metavar="DIR", help="runs folder (default: $LAB_RUNS_DIR or ./runs)")
+
+
+# --- lab train -------------------------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lab.config import load_experiment
+    from lab.runs import default_runs_dir, new_run_dir
+    from lab.training import Trainer
+
+    progress = not args.quiet
+    if args.resume:
+        if args.experiment or args.overrides or args.name:
+            raise UserError("--resume RUN_DIR continues a run with its own config; drop EXPERIMENT, --name and --set")
+        trainer = Trainer.resume(args.resume, progress=progress)
+        summary = trainer.run(resume=True)
+    else:
+        if not args.experiment:
+            raise UserError("lab train needs an EXPERIMENT (a TOML path or a name in experiments/), or --resume RUN_DIR")
+        config = load_experiment(args.experiment, args.overrides).resolve()
+        run_dir = new_run_dir(args.runs_dir or default_runs_dir(), args.name or config.name, exact=bool(args.name))
+        print(f"run folder: {run_dir}", file=sys.stderr)
+        try:
+            trainer = Trainer(config, run_dir, progress=progress)
+        except BaseException:
+            if not any(run_dir.iterdir()):
+                run_dir.rmdir()  # nothing was written: leave no empty run behind
+            raise
+        summary = trainer.run()
+    _print_summary(summary, trainer.run_dir)
+    return EXIT_INTERRUPTED if summary["status"] == "interrupted" else 0
+
+
+def _print_summary(summary: dict, run_dir) -> None:
+    final = summary.get("final", {})
+    print(
+        f"{summary['status']}: {run_dir} at step {summary['step']}/{summary['steps']}, "
+        f"train acc {final.get('train_acc', float('nan')):.4f}, test acc {final.get('test_acc', float('nan')):.4f}, "
+        f"memorized at {summary['memorize_step']}, grokked at {summary['grok_step']}, {summary['wall_time_s']:.1f} s"
+    )
+    if summary["status"] == "interrupted":
+        print(f"resume with: lab train --resume {run_dir}", file=sys.stderr)
+
+
+# --- lab sweep -------------------------------------------------------------------------------------
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import itertools
+
+    from lab.config import load_experiment, parse_override
+    from lab.runs import default_runs_dir, new_run_dir
+    from lab.training import Trainer
+
+    axes = []
+    for grid in args.grid:
+        key, sep, values = grid.partition("=")
+        if not sep or not values:
+            raise UserError(f"--grid {grid!r} is not of the form section.key=v1,v2,... (e.g. train.weight_decay=0.3,1.0)")
+        axes.append([f"{key}={value}" for value in values.split(",")])
+    combos = list(itertools.product(*axes)) or [()]
+    base = load_experiment(args.experiment, args.overrides)
+    configs = []
+    for combo in combos:  # validate every point before training any
+        config = load_experiment(args.experiment, [*args.overrides, *combo]).resolve()
+        label = ".".join(f"{parse_override(c)[0][-1]}-{c.partition('=')[2]}" for c in combo)
+        configs.append((config, f"{args.name or base.name}.{label}" if label else args.name or base.name))
+    print(f"sweep: {len(configs)} runs", file=sys.stderr)
+    for i, (config, name) in enumerate(configs, 1):
+        run_dir = new_run_dir(args.runs_dir or default_runs_dir(), name.replace("/", "-"), exact=False)
+        print(f"[{i}/{len(configs)}] {run_dir}", file=sys.stderr)
+        summary = Trainer(config, run_dir, progress=not args.quiet).run()
+        _print_summary(summary, run_dir)
+        if summary["status"] == "interrupted":
+            return EXIT_INTERRUPTED
+    return 0
+
+
+# --- lab runs --------------------------------------------------------------------------------------
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    import json
+
+    from lab.run import list_runs
+
+    rows = list_runs(args.runs_dir)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no runs in {args.runs_dir or os.environ.get('LAB_RUNS_DIR') or 'runs'}; start one with: lab train modadd_quick")
+        return 0
+    columns = ["name", "task", "status", "step", "memorize_step", "grok_step", "test_acc"]
+    table = [[_cell(row, col) for col in columns] for row in rows]
+    widths = [max(len(col), *(len(r[i]) for r in table)) for i, col in enumerate(columns)]
+    print("  ".join(col.ljust(w) for col, w in zip(columns, widths)))
+    for r in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)))
+    return 0
+
+
+def _cell(row: dict, col: str) -> str:
+    value = row.get(col)
+    if col == "step" and row.get("steps") is not None:
+        return f"{value}/{row['steps']}"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "-" if value is None else str(value)
+
+
+# --- lab demo --------------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Train the quick experiments, then open the dashboard on them."""
+    for experiment in ("modadd_quick", "a_and_b"):
+        code = cmd_train(argparse.Namespace(experiment=experiment, overrides=[], name=None, runs_dir=args.runs_dir,
+                                            resume=None, quiet=False))
+        if code:
+            return code
+    if args.no_dashboard:
+        print(f"done; browse the runs with: lab dashboard{' --runs-dir ' + args.runs_dir if args.runs_dir else ''}")
+        return 0
+    return cmd_dashboard(argparse.Namespace(runs_dir=args.runs_dir, port=args.port, host="127.0.0.1", headless=False))
+
+
+# --- lab dashboard ---------------------------------------------------------------------------------
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from lab.dashboard_server import serve
+
+    return serve(runs_dir=args.runs_dir, port=args.port, host=args.host, headless=args.headless)
+
+
+# --- parser ----------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lab",
+        description="grokking-lab: train small transformers on toy tasks, watch them grok, open them up head by head.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train an experiment into a run folder", description="Train an experiment into runs/NAME.")
+    p.add_argument("experiment", nargs="?", help="a TOML path, or a name in experiments/ (e.g. modadd_quick)")
+    p.add_argument("--name", help="run name (default: the experiment's name, numbered if taken)")
+    _add_runs_dir(p)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.steps=500 --set task.p=97")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser("sweep", help="train one run per point of a grid of config values",
+                       description="Train every combination of the --grid values, one run each, in turn.")
+    p.add_argument("experiment", help="a TOML path, or a name in experiments/")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="values to sweep, e.g. --grid train.weight_decay=0.1,0.3,1.0")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="fixed overrides")
+    p.add_argument("--name", help="prefix of the run names (default: the experiment's name)")
+    _add_runs_dir(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=cmd_sweep)
+
+    p = sub.add_parser("runs", help="list runs", description="List the runs in the runs folder, newest first.")
+    _add_runs_dir(p)
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.set_defaults(handler=cmd_runs)
+
+    p = sub.add_parser("demo", help="train the quick experiments and open the dashboard",
+                       description="Train modadd_quick and a_and_b, then open the dashboard on them.")
+    _add_runs_dir(p)
+    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--no-dashboard", action="store_true", help="only train")
+    p.set_defaults(handler=cmd_demo)
+
+    p = sub.add_parser("dashboard", help="open the Streamlit dashboard", description="Serve the dashboard on 127.0.0.1.")
+    _add_runs_dir(p)
+    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--headless", action="store_true", help="do not open a browser")
+    p.set_defaults(handler=cmd_dashboard)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return args.handler(args) or 0
+    except KeyboardInterrupt:
+        print("lab: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:  # only the user-fixable kinds are printed as one line; the rest keep their traceback
+        from lab.config import ConfigError
+        from lab.runs import RunError
+
+        if isinstance(err, (UserError, ConfigError, RunError, FileNotFoundError)) or type(err) is ValueError:
+            print(f"lab: error: {err}", file=sys.stderr)
+            return EXIT_USAGE
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""A small transformer, from scratch, with TransformerLens hook points.
+
+Read top to bottom: attention (one formula), multi-head attention, the MLP, a block, the whole
+transformer. Every intermediate activation passes through a `HookPoint` named as in
+TransformerLens (`hook_embed`, `blocks.0.attn.hook_pattern`, `blocks.0.mlp.hook_post`, ...), so
+
+    logits, cache = model.run_with_cache(tokens)
+    cache["pattern", 0]          # (batch, head, query, key)
+
+works as TransformerLens users expect, and any activation can be patched with `run_with_hooks`.
+Weights carry TransformerLens names too: `W_E`, `W_pos`, `blocks[l].attn.W_Q/W_K/W_V/W_O`,
+`blocks[l].mlp.W_in/W_out`, `W_U`.
+
+Shapes use: batch, pos (= query or key), d_model, head, d_head, d_mlp, vocab.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import einsum
+from torch import nn
+from transformer_lens import ActivationCache, HookedRootModule
+from transformer_lens.hook_points import HookPoint
+
+from lab.config import ModelConfig
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with TransformerLens's parameter (`w`, `b`) and hook (`hook_scale`, `hook_normalized`) names."""
+
+    def __init__(self, d_model: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.w = nn.Parameter(torch.ones(d_model))
+        self.b = nn.Parameter(torch.zeros(d_model))
+        self.hook_scale = HookPoint()  # (batch, pos, 1)
+        self.hook_normalized = HookPoint()  # (batch, pos, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x - x.mean(-1, keepdim=True)
+        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        return self.hook_normalized(x / scale) * self.w + self.b
+
+
+# --- 1. Attention --------------------------------------------------------------------------------
+# Each head asks, at every query position, "which earlier (or any, if bidirectional) positions
+# matter to me?": scores = q·k / sqrt(d_head), masked, softmaxed over keys into a pattern, and the
+# head's output at the query is the pattern-weighted sum of values.
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention: `n_heads` independent heads, their outputs summed through W_O."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h, d, e = cfg.n_heads, cfg.d_model, cfg.d_head
+        self.causal = bool(cfg.causal)
+        self.W_Q = nn.Parameter(torch.empty(h, d, e))
+        self.W_K = nn.Parameter(torch.empty(h, d, e))
+        self.W_V = nn.Parameter(torch.empty(h, d, e))
+        self.W_O = nn.Parameter(torch.empty(h, e, d))
+        self.b_Q = nn.Parameter(torch.zeros(h, e))
+        self.b_K = nn.Parameter(torch.zeros(h, e))
+        self.b_V = nn.Parameter(torch.zeros(h, e))
+        self.b_O = nn.Parameter(torch.zeros(d))
+        self.hook_q = HookPoint()  # (batch, pos, head, d_head)
+        self.hook_k = HookPoint()  # (batch, pos, head, d_head)
+        self.hook_v = HookPoint()  # (batch, pos, head, d_head)
+        self.hook_attn_scores = HookPoint()  # (batch, head, query, key), masked entries -inf
+        self.hook_pattern = HookPoint()  # (batch, head, query, key), each row sums to 1
+        self.hook_z = HookPoint()  # (batch, pos, head, d_head)
+
+    def forward(self, x: torch.Tensor, key_padding: torch.Tensor | None) -> torch.Tensor:
+        # x: (batch, pos, d_model); key_padding: (batch, key) True where the key is padding.
+        q = self.hook_q(einsum(x, self.W_Q, "batch pos d_model, head d_model d_head -> batch pos head d_head") + self.b_Q)
+        k = self.hook_k(einsum(x, self.W_K, "batch pos d_model, head d_model d_head -> batch pos head d_head") + self.b_K)
+        v = self.hook_v(einsum(x, self.W_V, "batch pos d_model, head d_model d_head -> batch pos head d_head") + self.b_V)
+
+        scores = einsum(q, k, "batch query head d_head, batch key head d_head -> batch head query key")
+        scores = scores / math.sqrt(q.shape[-1])
+        scores = self.hook_attn_scores(scores.masked_fill(self._mask(x.shape[1], key_padding, x.device), float("-inf")))
+        pattern = self.hook_pattern(scores.softmax(dim=-1))  # (batch, head, query, key)
+
+        z = self.hook_z(einsum(pattern, v, "batch head query key, batch key head d_head -> batch query head d_head"))
+        return einsum(z, self.W_O, "batch pos head d_head, head d_head d_model -> batch pos d_model") + self.b_O
+
+    def _mask(self, n_pos: int, key_padding: torch.Tensor | None, device) -> torch.Tensor:
+        """True where a query may not look: future keys (causal) and padding keys. (batch|1, 1, query, key)"""
+        mask = torch.zeros(1, 1, n_pos, n_pos, dtype=torch.bool, device=device)
+        if self.causal:
+            mask = torch.ones(n_pos, n_pos, dtype=torch.bool, device=device).triu(1)[None, None]
+        if key_padding is not None:
+            mask = mask | key_padding[:, None, None, :]
+        return mask
+
+
+# --- 2. MLP --------------------------------------------------------------------------------------
+# A position-wise two-layer network: where Nanda et al. found the modular-addition model does its
+# trigonometry (products of cosines become cosines of sums).
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.W_in = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp))
+        self.b_in = nn.Parameter(torch.zeros(cfg.d_mlp))
+        self.W_out = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model))
+        self.b_out = nn.Parameter(torch.zeros(cfg.d_model))
+        self.act_fn = {"relu": F.relu, "gelu": F.gelu}[cfg.act_fn]
+        self.hook_pre = HookPoint()  # (batch, pos, d_mlp)
+        self.hook_post = HookPoint()  # (batch, pos, d_mlp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.hook_pre(einsum(x, self.W_in, "batch pos d_model, d_model d_mlp -> batch pos d_mlp") + self.b_in)
+        post = self.hook_post(self.act_fn(pre))
+        return einsum(post, self.W_out, "batch pos d_mlp, d_mlp d_model -> batch pos d_model") + self.b_out
+
+
+# --- 3. Block ------------------------------------------------------------------------------------
+# The residual stream is a running sum: each block reads it, and adds what attention and the MLP
+# write. resid_pre -> (+ attn_out) -> resid_mid -> (+ mlp_out) -> resid_post.
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        use_ln = cfg.normalization == "LN"
+        self.ln1 = LayerNorm(cfg.d_model) if use_ln else nn.Identity()
+        self.attn = Attention(cfg)
+        self.mlp = None if cfg.attn_only else MLP(cfg)
+        self.ln2 = LayerNorm(cfg.d_model) if use_ln and self.mlp is not None else nn.Identity()
+        self.hook_resid_pre = HookPoint()  # (batch, pos, d_model)
+        self.hook_attn_out = HookPoint()  # (batch, pos, d_model)
+        self.hook_resid_mid = HookPoint()  # (batch, pos, d_model)
+        self.hook_mlp_out = HookPoint()  # (batch, pos, d_model)
+        self.hook_resid_post = HookPoint()  # (batch, pos, d_model)
+
+    def forward(self, resid: torch.Tensor, key_padding: torch.Tensor | None) -> torch.Tensor:
+        resid = self.hook_resid_pre(resid)
+        resid = self.hook_resid_mid(resid + self.hook_attn_out(self.attn(self.ln1(resid), key_padding)))
+        if self.mlp is not None:
+            resid = resid + self.hook_mlp_out(self.mlp(self.ln2(resid)))
+        return self.hook_resid_post(resid)
+
+
+# --- 4. Transformer ------------------------------------------------------------------------------
+# Embed tokens (plus positions, if learned), run the blocks, unembed into output logits.
+
+
+class Transformer(HookedRootModule):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        missing = [key for key in ("d_vocab", "d_vocab_out", "n_ctx", "causal") if getattr(cfg, key) is None]
+        if missing:
+            raise ValueError(f"model config lacks {', '.join(missing)}: build it from ExperimentConfig.resolve()")
+        self.cfg = cfg
+        self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
+        self.W_pos = nn.Parameter(torch.empty(cfg.n_ctx, cfg.d_model)) if cfg.positional == "learned" else None
+        self.blocks = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.n_layers)])
+        self.ln_final = LayerNorm(cfg.d_model) if cfg.normalization == "LN" else nn.Identity()
+        self.W_U = nn.Parameter(torch.empty(cfg.d_model, cfg.d_vocab_out))
+        self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab_out))
+        self.hook_embed = HookPoint()  # (batch, pos, d_model)
+        self.hook_pos_embed = HookPoint()  # (batch, pos, d_model)
+        self.init_weights(cfg.seed)
+        self.setup()  # TransformerLens: names every HookPoint after its module path
+
+    def init_weights(self, seed: int) -> None:
+        """TransformerLens's GPT-2 init: every weight matrix ~ N(0, (0.8 / sqrt(d_model))^2), biases 0."""
+        generator = torch.Generator().manual_seed(seed)
+        std = 0.8 / math.sqrt(self.cfg.d_model)
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                if name.rsplit(".", 1)[-1].startswith("W_"):
+                    param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+    def forward(self, tokens: torch.Tensor, key_padding: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (batch, pos) -> logits (batch, pos, d_vocab_out).
+
+        Padding keys (tokens equal to `cfg.pad_token_id`) get zero attention, unless
+        `key_padding` (batch, pos; True = padding) is given explicitly.
+        """
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        n_pos = tokens.shape[1]
+        if self.W_pos is not None and n_pos > self.cfg.n_ctx:
+            raise ValueError(f"input of {n_pos} positions is longer than this model's n_ctx of {self.cfg.n_ctx}")
+        if key_padding is None and self.cfg.pad_token_id is not None:
+            key_padding = tokens == self.cfg.pad_token_id
+            key_padding = key_padding if key_padding.any() else None
+
+        resid = self.hook_embed(self.W_E[tokens])  # (batch, pos, d_model)
+        if self.W_pos is not None:
+            resid = resid + self.hook_pos_embed(self.W_pos[:n_pos].expand_as(resid))
+        for block in self.blocks:
+            resid = block(resid, key_padding)
+        return einsum(self.ln_final(resid), self.W_U, "batch pos d_model, d_model vocab -> batch pos vocab") + self.b_U
+
+    def run_with_cache(self, *args, **kwargs) -> tuple[torch.Tensor, ActivationCache]:
+        """Like TransformerLens: `logits, cache = model.run_with_cache(tokens)`; `cache["pattern", 0]`."""
+        logits, cache_dict = super().run_with_cache(*args, **kwargs)
+        return logits, ActivationCache(cache_dict, self)
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_E.device

@@ -1,0 +1,130 @@
+"""Modular arithmetic: `[a, b, =]` -> `a op b mod p`, the grokking task of Power et al. 2022 and
+Nanda et al. 2023 (p = 113 addition).
+
+Tokens 0..p-1 are the numbers and token p is `=`; the answer (one of p classes) is read at the
+last position, under causal attention. `train_frac` of all valid (a, b) pairs, picked at random
+from `data_seed`, form the training split; the rest are the test split.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Literal
+
+import torch
+from pydantic import Field, field_validator, model_validator
+
+from lab.config import TaskConfig
+from lab.tasks.base import Split, Task, register_task
+
+
+def _inverse(b: torch.Tensor, p: int) -> torch.Tensor:
+    return torch.tensor([pow(int(x), -1, p) for x in b.tolist()], dtype=torch.long)
+
+
+# name -> (symbol shown between a and b, function of (a, b, p), is b = 0 excluded)
+OPERATORS: dict[str, tuple[str, Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor], bool]] = {
+    "add": ("+", lambda a, b, p: (a + b) % p, False),
+    "sub": ("-", lambda a, b, p: (a - b) % p, False),
+    "mul": ("*", lambda a, b, p: (a * b) % p, False),
+    "div": ("/", lambda a, b, p: (a * _inverse(b, p)) % p, True),
+    "x2+y2": ("∘", lambda a, b, p: (a * a + b * b) % p, False),
+    "x2+xy+y2": ("∘", lambda a, b, p: (a * a + a * b + b * b) % p, False),
+    "x3+xy": ("∘", lambda a, b, p: (a * a * a + a * b) % p, False),
+}
+
+
+def is_prime(n: int) -> bool:
+    return n >= 2 and all(n % k for k in range(2, int(n**0.5) + 1))
+
+
+class ModularConfig(TaskConfig):
+    name: Literal["modular"] = "modular"
+    p: int = Field(113, ge=2, le=1000, description="the modulus")
+    operator: str = Field("add", description=f"one of {', '.join(OPERATORS)}")
+    train_frac: float = Field(0.3, gt=0.0, lt=1.0)
+
+    @field_validator("operator")
+    @classmethod
+    def _known_operator(cls, operator: str) -> str:
+        if operator not in OPERATORS:
+            raise ValueError(f"unknown operator {operator!r}; valid operators: {', '.join(OPERATORS)}")
+        return operator
+
+    @model_validator(mode="after")
+    def _division_needs_prime(self) -> "ModularConfig":
+        if self.operator == "div" and not is_prime(self.p):
+            primes = [n for n in range(self.p - 20, self.p + 20) if is_prime(n)]
+            near = min(primes, key=lambda n: abs(n - self.p)) if primes else 113
+            raise ValueError(f"p = {self.p} is not prime, and operator 'div' needs a prime p (e.g. {near}) so that every b != 0 has an inverse")
+        return self
+
+
+@register_task
+class ModularTask(Task):
+    name = "modular"
+    Config = ModularConfig
+    causal = True
+    n_ctx = 3
+    read_position = -1
+
+    def __init__(self, config: ModularConfig):
+        super().__init__(config)
+        self.p = config.p
+        self.operator = config.operator
+        self.symbol, self._fn, self._skip_zero_b = OPERATORS[config.operator]
+        self.vocab = [str(n) for n in range(self.p)] + ["="]
+        self.label_names = [str(n) for n in range(self.p)]
+        self.equals_token_id = self.p
+
+    # --- text <-> tokens ---
+
+    _TEXT = re.compile(r"^\s*(\d+)\s*([^\d\s=]+)?\s*(\d+)\s*(=)?\s*$")
+
+    def encode(self, text: str) -> list[int]:
+        """`"12 + 34 ="`, `"12+34"` or `"12 34"` -> `[12, 34, =]`."""
+        match = self._TEXT.match(text)
+        if not match:
+            raise ValueError(f"cannot read {text!r}: write two numbers below {self.p}, e.g. '12 {self.symbol} 34 ='")
+        a, op, b = int(match.group(1)), match.group(2), int(match.group(3))
+        if op is not None and op not in (self.symbol, self.operator):
+            raise ValueError(f"operator {op!r} in {text!r} is not this task's operator {self.operator!r} ({self.symbol!r})")
+        for n in (a, b):
+            if n >= self.p:
+                raise ValueError(f"number {n} in {text!r} is out of range: this task's numbers are 0..{self.p - 1}")
+        if self._skip_zero_b and b == 0:
+            raise ValueError(f"b = 0 in {text!r}: division needs b != 0")
+        return [a, b, self.equals_token_id]
+
+    def decode(self, tokens) -> str:
+        a, b = (int(t) for t in list(tokens)[:2])
+        return f"{a} {self.symbol} {b} ="
+
+    def answer(self, a: int, b: int) -> int:
+        return int(self._fn(torch.tensor([a]), torch.tensor([b]), self.p)[0])
+
+    def label(self, tokens) -> int:
+        a, b = (int(t) for t in list(tokens)[:2])
+        return self.answer(a, b)
+
+    # --- data ---
+
+    def all_pairs(self) -> Split:
+        """Every valid (a, b), in row-major order (a slow, b fast): the full p-by-p grid for analysis."""
+        a, b = torch.meshgrid(torch.arange(self.p), torch.arange(self.p), indexing="ij")
+        a, b = a.flatten(), b.flatten()
+        if self._skip_zero_b:
+            a, b = a[b != 0], b[b != 0]
+        tokens = torch.stack([a, b, torch.full_like(a, self.equals_token_id)], dim=1)  # (pair, 3)
+        return Split(tokens=tokens, labels=self._fn(a, b, self.p))
+
+    def _make_splits(self) -> tuple[Split, Split]:
+        pairs = self.all_pairs()
+        generator = torch.Generator().manual_seed(self.config.data_seed)
+        order = torch.randperm(len(pairs), generator=generator)
+        n_train = int(self.config.train_frac * len(pairs))
+        train, test = order[:n_train], order[n_train:]
+        return (
+            Split(pairs.tokens[train], pairs.labels[train]),
+            Split(pairs.tokens[test], pairs.labels[test]),
+        )

@@ -1,0 +1,274 @@
+"""Training: AdamW with linear warm-up, periodic evaluation, checkpoints, and exact resume.
+
+The step counter means "updates done": the metrics row and the checkpoint at step s both describe
+the model after s updates. Rows are written at step 0, every `eval_every` steps and at the last
+step; checkpoints at step 0, at `log_checkpoints` log-spaced steps, every `checkpoint_every` steps
+and at the last step. A checkpoint also rewrites `resume.safetensors` (weights, AdamW moments and
+gradient-filter state), from which `--resume` continues so that the metrics equal those of an
+uninterrupted run bit for bit on CPU (only `elapsed_s` differs): full-batch training has no
+randomness after initialisation, and a mini-batch is drawn from a generator seeded by its step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from lab import runs as store
+from lab.config import ExperimentConfig
+from lab.model import Transformer
+from lab.recipes import GradFilter, orthogonalize_gradients, task_loss
+from lab.tasks import Split, Task, make_task
+
+MEMORIZE_ACC = GROK_ACC = 0.99
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def checkpoint_schedule(steps: int, every: int, n_log: int) -> set[int]:
+    """Step 0, `n_log` log-spaced steps (dense early, when memorisation happens), multiples of `every`, the last."""
+    schedule = {0, steps} | set(range(every, steps + 1, every))
+    if n_log and steps > 1:
+        schedule |= {min(steps, round(math.exp(i * math.log(steps) / n_log))) for i in range(1, n_log + 1)}
+    return {s for s in schedule if 0 <= s <= steps}
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, split: Split, task: Task, config: ExperimentConfig, chunk: int = 4096) -> tuple[float, float]:
+    """(mean loss, accuracy) of the model on a split, in chunks to bound memory."""
+    total_loss, correct = 0.0, 0
+    dtype = torch.float64 if config.train.loss_dtype == "float64" else torch.float32
+    for start in range(0, len(split), chunk):
+        tokens = split.tokens[start : start + chunk]
+        labels = split.labels[start : start + chunk]
+        logits = model(tokens)[:, task.read_position]  # (batch, vocab)
+        total_loss += task_loss(logits, labels, config.train.loss, dtype).item() * len(labels)
+        correct += (logits.argmax(-1) == labels).sum().item()
+    return total_loss / len(split), correct / len(split)
+
+
+def weight_norm(model: torch.nn.Module) -> float:
+    return math.sqrt(sum(p.detach().double().pow(2).sum().item() for p in model.parameters()))
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM set a flag that the loop checks between steps, so a checkpoint is never half an update."""
+
+    def __init__(self):
+        self.signal: int | None = None
+
+    def __call__(self, signum, frame):
+        if self.signal is not None:  # a second Ctrl-C: the user means it
+            raise KeyboardInterrupt
+        self.signal = signum
+
+
+@contextmanager
+def _catch_stop_signals():
+    stop = _StopRequest()
+    try:
+        previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread (e.g. inside Streamlit): no handlers, no graceful stop
+        previous = {}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+class Trainer:
+    """Trains one experiment into one run folder. `Trainer(config, run_dir).run()`; resume with `Trainer.resume(run_dir)`."""
+
+    def __init__(self, config: ExperimentConfig, run_dir: Path, progress: bool = True):
+        self.config = config.resolve()
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        tc = self.config.train
+        self.device = resolve_device(tc.device)
+        self.task = make_task(self.config.task)
+        self.train_split = self._to_device(self.task.split("train"))
+        self.test_split = self._to_device(self.task.split("test"))
+        self.model = Transformer(self.config.model).to(self.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+        self.grad_filter = GradFilter(tc.grad_filter, list(self.model.named_parameters())) if tc.grad_filter.kind != "none" else None
+        self.loss_dtype = torch.float64 if tc.loss_dtype == "float64" else torch.float32
+        self.schedule = checkpoint_schedule(tc.steps, tc.checkpoint_every, tc.log_checkpoints)
+        self.step = 0
+        self.elapsed_before = 0.0  # wall time of earlier sessions of a resumed run
+        self.rows: list[dict] = []
+
+    def _to_device(self, split: Split) -> Split:
+        return Split(split.tokens.to(self.device), split.labels.to(self.device))
+
+    # --- one update ---
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up as in Nanda et al.: lr * min(step / warmup_steps, 1)."""
+        warmup = self.config.train.warmup_steps
+        return self.config.train.lr * (min(step / warmup, 1.0) if warmup else 1.0)
+
+    def batch(self, step: int) -> Split:
+        size = self.config.train.batch_size
+        if size is None or size >= len(self.train_split):
+            return self.train_split
+        generator = torch.Generator().manual_seed(self.config.model.seed * 1_000_003 + step)
+        index = torch.randperm(len(self.train_split), generator=generator)[:size].to(self.device)
+        return Split(self.train_split.tokens[index], self.train_split.labels[index])
+
+    def update(self) -> None:
+        tc = self.config.train
+        batch = self.batch(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        logits = self.model(batch.tokens)[:, self.task.read_position]  # (batch, vocab)
+        loss = task_loss(logits, batch.labels, tc.loss, self.loss_dtype)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if tc.orthograd:
+            orthogonalize_gradients(self.model.parameters())
+        if self.grad_filter is not None:
+            self.grad_filter.apply()
+        self.optimizer.step()
+        self.step += 1
+
+    # --- evaluation and storage ---
+
+    def evaluate_row(self, started: float) -> dict:
+        self.model.eval()
+        train_loss, train_acc = evaluate(self.model, self.train_split, self.task, self.config)
+        test_loss, test_acc = evaluate(self.model, self.test_split, self.task, self.config)
+        self.model.train()
+        row = {
+            "step": self.step,
+            "train_loss": train_loss,
+            "train_acc": train_acc,
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            "weight_norm": weight_norm(self.model),
+            "lr": self.lr_at(self.step),
+            "elapsed_s": round(self.elapsed_before + time.perf_counter() - started, 3),
+        }
+        self.rows.append(row)
+        store.append_jsonl(self.run_dir / "metrics.jsonl", row)
+        return row
+
+    def save_checkpoint(self) -> None:
+        weights = self.model.state_dict()
+        store.save_tensors(store.checkpoint_path(self.run_dir, self.step), weights, {"step": str(self.step)})
+        resume = {f"model.{k}": v for k, v in weights.items()}
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        for param, state in self.optimizer.state.items():
+            for key, value in state.items():
+                resume[f"optim.{names[id(param)]}.{key}"] = torch.as_tensor(value)
+        if self.grad_filter is not None:
+            resume.update({f"filter.{k}": v for k, v in self.grad_filter.state_tensors().items()})
+        elapsed = self.rows[-1]["elapsed_s"] if self.rows else self.elapsed_before
+        store.save_tensors(self.run_dir / "resume.safetensors", resume, {"step": str(self.step), "elapsed_s": str(elapsed)})
+
+    def load_resume_state(self) -> None:
+        tensors, meta = store.load_tensors(self.run_dir / "resume.safetensors")
+        self.step = int(meta["step"])
+        self.elapsed_before = float(meta.get("elapsed_s", 0.0))
+        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        params = dict(self.model.named_parameters())
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                name, field = key[6:].rsplit(".", 1)
+                self.optimizer.state[params[name]][field] = value.to(self.device) if value.ndim else value
+        if self.grad_filter is not None:
+            self.grad_filter.load_state_tensors({k[7:]: v.to(self.device) for k, v in tensors.items() if k.startswith("filter.")})
+        # Keep exactly the rows up to the checkpoint; later ones will be recomputed identically.
+        self.rows = [row for row in store.read_jsonl(self.run_dir / "metrics.jsonl") if row["step"] <= self.step]
+        store.write_jsonl(self.run_dir / "metrics.jsonl", self.rows)
+        if self.rows and self.rows[-1]["step"] == self.step:
+            self.elapsed_before = self.rows[-1]["elapsed_s"]
+
+    def write_summary(self, status: str, started_at: float) -> dict:
+        memorize = next((r["step"] for r in self.rows if r["train_acc"] >= MEMORIZE_ACC), None)
+        grok = next((r["step"] for r in self.rows if r["test_acc"] >= GROK_ACC), None)
+        final = self.rows[-1] if self.rows else {}
+        summary = {
+            "name": self.run_dir.name,
+            "experiment": self.config.name,
+            "task": self.task.name,
+            "status": status,
+            "step": self.step,
+            "steps": self.config.train.steps,
+            "memorize_step": memorize,
+            "grok_step": grok,
+            "wall_time_s": final.get("elapsed_s", 0.0),
+            "final": {k: final[k] for k in ("train_loss", "train_acc", "test_loss", "test_acc", "weight_norm") if k in final},
+            "device": str(self.device),
+            "started_at": started_at,
+            "updated_at": time.time(),
+        }
+        store.atomic_write_json(self.run_dir / "summary.json", summary)
+        return summary
+
+    # --- the loop ---
+
+    def run(self, resume: bool = False) -> dict:
+        """Train to `train.steps` (continuing from resume.safetensors if `resume`) and return the summary."""
+        tc = self.config.train
+        if resume:
+            self.load_resume_state()
+            started_at = store.read_json(self.run_dir / "summary.json").get("started_at", time.time())
+        else:
+            store.atomic_write_json(self.run_dir / "config.json", json.loads(self.config.model_dump_json()))
+            started_at = time.time()
+        started = time.perf_counter()
+        status = "running"
+        self.write_summary(status, started_at)
+        bar = _progress_bar(tc.steps, self.step, self.progress)
+        try:
+            with _catch_stop_signals() as stop:
+                while True:
+                    due_eval = self.step % tc.eval_every == 0 or self.step == tc.steps
+                    if due_eval and not (self.rows and self.rows[-1]["step"] == self.step):
+                        row = self.evaluate_row(started)
+                        bar.set_postfix(train_acc=f"{row['train_acc']:.3f}", test_acc=f"{row['test_acc']:.3f}", refresh=False)
+                    if self.step in self.schedule:
+                        self.save_checkpoint()
+                        self.write_summary(status, started_at)
+                    if self.step >= tc.steps:
+                        status = "finished"
+                        break
+                    if stop.signal is not None:
+                        self.save_checkpoint()
+                        status = "interrupted"
+                        break
+                    self.update()
+                    bar.update(1)
+        except BaseException:
+            self.write_summary("failed" if status == "running" else status, started_at)
+            raise
+        finally:
+            bar.close()
+        return self.write_summary(status, started_at)
+
+    @classmethod
+    def resume(cls, run_dir: Path, progress: bool = True) -> "Trainer":
+        run_dir = Path(run_dir)
+        if not (run_dir / "resume.safetensors").is_file():
+            raise store.RunError(f"{run_dir}: nothing to resume (no resume.safetensors); is this a run folder?")
+        config = ExperimentConfig.model_validate(store.read_json(run_dir / "config.json"))
+        return cls(config, run_dir, progress=progress)
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, mininterval=0.5)
