@@ -11,6 +11,12 @@ Names are imported lazily so that `import lab` (and `lab --help`) stays fast.
 from __future__ import annotations
 
 import importlib
+import os
+
+# Bit-for-bit reproducible CPU training across processes: MKL otherwise chooses code paths by
+# memory alignment, so two runs of the same seed drift apart by an ulp within a few steps.
+# It must be set before torch loads MKL; users who need the last few percent can override it.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 __version__ = "0.1.0"
 
@@ -26,6 +32,24 @@ _EXPORTS = {
     "make_task": "lab.tasks",
     "Transformer": "lab.model",
     "Trainer": "lab.training",
+    # probing from the REPL (issue 3)
+    "predict": "lab.probe",
+    "Prediction": "lab.probe",
+    "attention": "lab.analysis.attention",
+    "AttentionResult": "lab.analysis.attention",
+    "modular_attention_grid": "lab.analysis.attention",
+    "ablate_heads": "lab.analysis.ablation",
+    "ablate_neurons": "lab.analysis.ablation",
+    "letter_attention": "lab.analysis.heads",
+    "fourier_basis": "lab.analysis.fourier",
+    "fourier_norms": "lab.analysis.fourier",
+    "key_frequencies": "lab.analysis.fourier",
+    "neuron_frequencies": "lab.analysis.fourier",
+    "restricted_loss": "lab.analysis.fourier",
+    "excluded_loss": "lab.analysis.fourier",
+    "progress_measures": "lab.analysis.progress",
+    "to_transformer_lens": "lab.export",
+    "ExportError": "lab.export",
 }
 
 __all__ = sorted(_EXPORTS)

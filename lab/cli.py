@@ -152,9 +152,42 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from lab.dashboard_server import serve
+    from lab.dashboard_server import DashboardError, serve
 
-    return serve(runs_dir=args.runs_dir, port=args.port, host=args.host, headless=args.headless)
+    try:
+        return serve(runs_dir=args.runs_dir, port=args.port, host=args.host, headless=args.headless)
+    except DashboardError as err:  # port taken, app missing: one line, exit 2
+        raise UserError(str(err)) from None
+
+
+# --- lab bench -------------------------------------------------------------------------------------
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from lab.bench import main as bench_main
+
+    if args.max_steps < 1:
+        raise UserError(f"--max-steps must be at least 1, got {args.max_steps}")
+    return bench_main(quick=args.quick, device=args.device, max_steps=args.max_steps, json_path=args.json, rounds=args.rounds)
+
+
+# --- lab analyze -----------------------------------------------------------------------------------
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """Nanda et al.'s progress measures at every checkpoint of a modular run, stored in RUN/analysis/."""
+    from lab.analysis.progress import CACHE_FILE, progress_measures
+    from lab.run import load_run
+
+    run = load_run(args.run, args.runs_dir)
+    frame = progress_measures(run, progress=not args.quiet)
+    freqs = frame.attrs["key_frequencies"]
+    print(f"{run.name}: {len(frame)} checkpoints; key frequencies: {', '.join(map(str, freqs)) or 'none found'}")
+    columns = ["step", "train_loss", "test_loss", "restricted_loss", "excluded_loss", "gini_embed", "sum_sq_weights"]
+    shown = frame if len(frame) <= 12 else frame.iloc[[round(i * (len(frame) - 1) / 11) for i in range(12)]]
+    print(shown[columns].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    print(f"stored in {run.path / CACHE_FILE}")
+    return 0
 
 
 # --- parser ----------------------------------------------------------------------------------------
@@ -193,6 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(handler=cmd_runs)
 
+    p = sub.add_parser("analyze", help="compute progress measures (Fourier analysis) of a modular run",
+                       description="Compute Nanda et al. 2023's progress measures (key frequencies, restricted and "
+                                   "excluded loss, Gini of Fourier norms, sum of squared weights) at every checkpoint "
+                                   "of a modular run, and store them in RUN/analysis/.")
+    p.add_argument("run", help="a run folder, or a run name under the runs folder")
+    _add_runs_dir(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=cmd_analyze)
+
     p = sub.add_parser("demo", help="train the quick experiments and open the dashboard",
                        description="Train modadd_quick and a_and_b, then open the dashboard on them.")
     _add_runs_dir(p)
@@ -206,6 +248,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--headless", action="store_true", help="do not open a browser")
     p.set_defaults(handler=cmd_dashboard)
+
+    p = sub.add_parser("bench", help="measure training speed, steps to grok per recipe, and memory",
+                       description="Time our training step against a TransformerLens baseline on the Nanda et al. 2023 "
+                                   "setup, measure steps and seconds to grok for every recipe, and peak memory.")
+    p.add_argument("--quick", action="store_true", help="only the short cases (modadd_quick), fewer timing rounds")
+    p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run (default cpu)")
+    p.add_argument("--max-steps", type=int, default=20000, metavar="N", help="cap on the steps of each grok run (default 20000)")
+    p.add_argument("--rounds", type=int, default=None, metavar="N", help="interleaved timing rounds (default 30; 10 with --quick)")
+    p.set_defaults(handler=cmd_bench)
 
     return parser
 

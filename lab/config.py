@@ -84,6 +84,9 @@ class TrainConfig(StrictModel):
     loss: Literal["softmax", "stablemax"] = Field("softmax", description="StableMax: Prieto et al. 2025")
     orthograd: bool = Field(False, description="⊥Grad: Prieto et al. 2025")
     grad_filter: GradFilterConfig = GradFilterConfig()
+    stop_after_grok: int | None = Field(
+        None, ge=0, description="end the run at the first evaluation this many steps after test acc >= 0.99 (None: run all steps)"
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @field_validator("betas")

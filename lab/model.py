@@ -146,6 +146,51 @@ class TransformerBlock(nn.Module):
         return self.hook_resid_post(resid)
 
 
+def _qkv_at(attn: Attention, x: torch.Tensor, pos: int, n_keys: int) -> tuple[torch.Tensor, ...]:
+    """Keys and values at positions < n_keys (batch, key, head, d_head), the query at `pos` (batch, 1, head, d_head)."""
+    n_heads, d_model, d_head = attn.W_Q.shape
+    batch = x.shape[0]
+    keys = x[:, :n_keys].reshape(batch * n_keys, d_model)
+    W_KV = torch.cat([attn.W_K, attn.W_V]).permute(1, 0, 2).reshape(d_model, 2 * n_heads * d_head)
+    kv = torch.addmm(torch.cat([attn.b_K, attn.b_V]).reshape(-1), keys, W_KV).view(batch, n_keys, 2, n_heads, d_head)
+    W_Q = attn.W_Q.permute(1, 0, 2).reshape(d_model, n_heads * d_head)
+    q = torch.addmm(attn.b_Q.reshape(-1), x[:, pos], W_Q).view(batch, 1, n_heads, d_head)
+    k, v = kv.unbind(2)  # unbind's backward is one stack, not two zero-filled copies
+    return k, v, q
+
+
+def _qkv_at_from_tokens(attn: Attention, W_E: torch.Tensor, W_pos: torch.Tensor | None, tokens: torch.Tensor,
+                        pos: int, n_keys: int) -> tuple[torch.Tensor, ...]:
+    """`_qkv_at` for a first layer without LayerNorm, whose input is W_E[token] + W_pos[position]:
+    (W_E[t] + W_pos[i]) W = (W_E W)[t] + (W_pos W)[i], so Q, K and V are looked up in per-token
+    and per-position tables (vocab + n_ctx rows) instead of multiplied out for every batch row."""
+    n_heads, d_model, d_head = attn.W_Q.shape
+    batch, he = tokens.shape[0], n_heads * d_head
+    W_QKV = torch.cat([attn.W_Q, attn.W_K, attn.W_V]).permute(1, 0, 2).reshape(d_model, 3 * he)
+    b_QKV = torch.cat([attn.b_Q, attn.b_K, attn.b_V]).reshape(-1)
+    token_table = torch.addmm(b_QKV, W_E, W_QKV)  # (vocab, 3 * he)
+    q = F.embedding(tokens[:, pos], token_table[:, :he])  # (batch, he)
+    kv = F.embedding(tokens[:, :n_keys], token_table[:, he:])  # (batch, key, 2 * he)
+    if W_pos is not None:
+        pos_table = W_pos[:n_keys] @ W_QKV  # (key, 3 * he)
+        q = q + pos_table[pos, :he]
+        kv = kv + pos_table[:, he:]
+    k, v = kv.view(batch, n_keys, 2, n_heads, d_head).unbind(2)
+    return k, v, q.view(batch, 1, n_heads, d_head)
+
+
+def _attend_at(attn: Attention, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, key_padding: torch.Tensor | None) -> torch.Tensor:
+    """One query per row attends over its keys; returns the attention output (batch, d_model)."""
+    n_heads, d_head, d_model = attn.W_O.shape
+    batch, n_keys = k.shape[:2]
+    scores = (k * q).sum(-1) / math.sqrt(d_head)  # (batch, key, head)
+    if key_padding is not None:
+        scores = scores.masked_fill(key_padding[:, :n_keys, None], float("-inf"))
+    pattern = scores.softmax(dim=1)
+    z = (pattern[..., None] * v).sum(1)  # (batch, head, d_head)
+    return torch.addmm(attn.b_O, z.reshape(batch, n_heads * d_head), attn.W_O.reshape(n_heads * d_head, d_model))
+
+
 # --- 4. Transformer ------------------------------------------------------------------------------
 # Embed tokens (plus positions, if learned), run the blocks, unembed into output logits.
 
@@ -199,6 +244,58 @@ class Transformer(HookedRootModule):
             resid = block(resid, key_padding)
         return einsum(self.ln_final(resid), self.W_U, "batch pos d_model, d_model vocab -> batch pos vocab") + self.b_U
 
+    # --- fast path: logits at one position only --------------------------------------------------
+    # Training reads the logits of one position (the `=` of a + b, or a CLS token). In the last
+    # block only that position's query, attention output, MLP and unembedding reach the loss, so
+    # computing them for every position wastes work (2.3x the FLOPs on the Nanda et al. setup).
+    # `forward_at` does the same arithmetic as `forward` restricted to that position, with 2-D
+    # matmuls and K and V fused into one; it skips the (identity) hook points, so it falls back to
+    # `forward` whenever a hook is attached.
+
+    def hooks_attached(self) -> bool:
+        """True if any HookPoint has a hook (as during `run_with_hooks` or `run_with_cache`)."""
+        return any(hp._forward_hooks or hp._forward_pre_hooks or hp._backward_hooks for hp in self.hook_dict.values())
+
+    def forward_at(self, tokens: torch.Tensor, position: int, key_padding: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (batch, pos) -> logits (batch, d_vocab_out) at `position`: `forward(tokens)[:, position]`
+        up to float rounding, gradients included, at a fraction of the cost."""
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        if self.hooks_attached():
+            return self.forward(tokens, key_padding)[:, position]
+        n_pos = tokens.shape[1]
+        if not -n_pos <= position < n_pos:
+            raise IndexError(f"position {position} is outside an input of {n_pos} positions")
+        pos = position % n_pos
+        if self.W_pos is not None and n_pos > self.cfg.n_ctx:
+            raise ValueError(f"input of {n_pos} positions is longer than this model's n_ctx of {self.cfg.n_ctx}")
+        if key_padding is None and self.cfg.pad_token_id is not None:
+            key_padding = tokens == self.cfg.pad_token_id
+            key_padding = key_padding if key_padding.any() else None
+
+        block = self.blocks[-1]
+        n_keys = pos + 1 if block.attn.causal else n_pos  # a causal query never sees later keys
+        if len(self.blocks) == 1 and isinstance(block.ln1, nn.Identity):
+            # one layer, no LayerNorm: attention reads embeddings straight from per-token tables
+            k, v, q = _qkv_at_from_tokens(block.attn, self.W_E, self.W_pos, tokens, pos, n_keys)
+            resid_at = F.embedding(tokens[:, pos], self.W_E)  # (batch, d_model)
+            if self.W_pos is not None:
+                resid_at = resid_at + self.W_pos[pos]
+        else:
+            resid = F.embedding(tokens, self.W_E)  # (batch, pos, d_model)
+            if self.W_pos is not None:
+                resid = resid + self.W_pos[:n_pos]
+            for earlier in self.blocks[:-1]:
+                resid = earlier(resid, key_padding)
+            k, v, q = _qkv_at(block.attn, block.ln1(resid), pos, n_keys)
+            resid_at = resid[:, pos]
+        resid_at = resid_at + _attend_at(block.attn, k, v, q, key_padding)  # (batch, d_model)
+        if block.mlp is not None:
+            mlp, x = block.mlp, block.ln2(resid_at)
+            post = mlp.act_fn(torch.addmm(mlp.b_in, x, mlp.W_in))
+            resid_at = resid_at + torch.addmm(mlp.b_out, post, mlp.W_out)
+        return torch.addmm(self.b_U, self.ln_final(resid_at), self.W_U)
+
     def run_with_cache(self, *args, **kwargs) -> tuple[torch.Tensor, ActivationCache]:
         """Like TransformerLens: `logits, cache = model.run_with_cache(tokens)`; `cache["pattern", 0]`."""
         logits, cache_dict = super().run_with_cache(*args, **kwargs)
@@ -207,3 +304,15 @@ class Transformer(HookedRootModule):
     @property
     def device(self) -> torch.device:
         return self.W_E.device
+
+    def to_transformer_lens(self):
+        """This model as a TransformerLens 4.x `TransformerBridge` (built with `boot_native`) with the same
+        weights, for `decompose_resid`, `logit_attrs`, `stack_head_results` and the rest of that toolbox.
+
+        Tasks with padding (a_and_b) must pass `attention_mask=(tokens != pad).long()` to the bridge.
+        `positional = "none"` becomes a zero positional embedding, so the bridge refuses inputs longer
+        than n_ctx. A setting the bridge cannot represent raises `lab.export.ExportError` (see lab/export.py).
+        """
+        from lab.export import to_transformer_lens
+
+        return to_transformer_lens(self)

@@ -16,8 +16,6 @@ against its definition and a resumed run can save and restore that state.
 
 from __future__ import annotations
 
-from collections import deque
-
 import torch
 import torch.nn.functional as F
 
@@ -30,14 +28,19 @@ def stablemax(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return s / s.sum(dim=dim, keepdim=True)
 
 
+def log_stablemax(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """log of StableMax probabilities, as log s(x) - log sum s(x) (no underflow of tiny probabilities)."""
+    s = torch.where(logits >= 0, logits + 1, 1 / (1 - logits.clamp(max=0)))
+    return s.log() - s.sum(dim=dim, keepdim=True).log()
+
+
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str = "softmax", dtype=torch.float32) -> torch.Tensor:
     """Mean cross-entropy of (batch, vocab) logits against labels, via softmax or StableMax, in `dtype`."""
     logits = logits.to(dtype)
     if kind == "softmax":
         return F.cross_entropy(logits, labels)
     if kind == "stablemax":
-        probs = stablemax(logits)
-        return -probs.gather(-1, labels[:, None]).log().mean()
+        return -log_stablemax(logits).gather(-1, labels[:, None]).mean()
     raise ValueError(f"unknown loss {kind!r}; valid: 'softmax', 'stablemax'")
 
 
@@ -60,48 +63,125 @@ def orthogonalize_gradients(params) -> None:
 
 
 class GradFilter:
-    """Grokfast's gradient filter, applied to `.grad` in place after backward, before the optimiser.
+    """Grokfast's gradient filter (Lee et al. 2024, arXiv:2405.20233, Algorithms 1 and 2), applied to
+    `.grad` in place after backward, before the optimiser step.
 
-    Its state (the EMA, or the last `window` gradients) is part of a checkpoint's resume state.
+    - EMA (`kind = "ema"`): mu <- alpha * mu + (1 - alpha) * g, then g <- g + lamb * mu. As in the
+      paper's code, mu starts at the first gradient (alpha * g + (1 - alpha) * g = g).
+    - MA (`kind = "ma"`): g <- g + lamb * mean(the last `window` raw gradients, g included). As in the
+      paper's code (`warmup=True`), nothing is added until `window` gradients have been seen.
+      The mean is kept as a running float64 sum over a ring buffer, so a step costs O(parameters),
+      not O(window * parameters).
+
+    Its state (the EMA, or the ring of the last `window` gradients and their sum) is part of a
+    checkpoint's resume state, so a resumed run continues bit for bit.
     """
 
     def __init__(self, config: GradFilterConfig, named_params: list[tuple[str, torch.nn.Parameter]]):
+        if config.kind not in ("ema", "ma"):
+            raise ValueError(f"GradFilter kind must be 'ema' or 'ma', got {config.kind!r}")
         self.config = config
         self.named_params = named_params
         self.ema: dict[str, torch.Tensor] = {}
-        self.history: dict[str, deque] = {name: deque(maxlen=config.window) for name, _ in named_params}
+        # MA: per parameter a ring (window, *shape) of raw gradients, oldest at `self.count % window`
+        # once full, and the float64 sum of what the ring holds.
+        self.ring: dict[str, torch.Tensor] = {}
+        self.ring_sum: dict[str, torch.Tensor] = {}
+        self.count = 0  # gradients seen by the MA filter (capped at nothing; the ring index is count % window)
 
     @torch.no_grad()
     def apply(self) -> None:
         cfg = self.config
-        for name, param in self.named_params:
-            if param.grad is None:
-                continue
-            g = param.grad
-            if cfg.kind == "ema":
-                if name not in self.ema:
-                    self.ema[name] = g.detach().clone()  # Grokfast initialises the EMA with the first gradient
-                else:
-                    self.ema[name].mul_(cfg.alpha).add_(g, alpha=1 - cfg.alpha)
-                g.add_(self.ema[name], alpha=cfg.lamb)
-            elif cfg.kind == "ma":
-                history = self.history[name]
-                history.append(g.detach().clone())
-                # Grokfast's MA filter waits until the window is full before amplifying.
-                if len(history) == cfg.window:
-                    g.add_(torch.stack(list(history)).mean(0), alpha=cfg.lamb)
+        live = [(name, p.grad) for name, p in self.named_params if p.grad is not None]
+        if cfg.kind == "ema":
+            if not self.ema:
+                self.ema = {name: g.detach().clone() for name, g in live}
+            else:
+                mus = [self.ema[name] for name, _ in live]
+                grads = [g for _, g in live]
+                torch._foreach_mul_(mus, cfg.alpha)
+                torch._foreach_add_(mus, grads, alpha=1 - cfg.alpha)
+            torch._foreach_add_([g for _, g in live], [self.ema[name] for name, _ in live], alpha=cfg.lamb)
+        else:
+            window, slot = cfg.window, self.count % cfg.window
+            for name, g in live:
+                if name not in self.ring:
+                    self.ring[name] = torch.zeros((window, *g.shape), dtype=g.dtype, device=g.device)
+                    self.ring_sum[name] = torch.zeros(g.shape, dtype=torch.float64, device=g.device)
+                ring, total = self.ring[name], self.ring_sum[name]
+                if self.count >= window:  # the oldest gradient leaves the window
+                    total.sub_(ring[slot])
+                ring[slot].copy_(g)
+                total.add_(g)
+            self.count += 1
+            if self.count >= window:
+                for name, g in live:
+                    g.add_((self.ring_sum[name] / window).to(g.dtype), alpha=cfg.lamb)
+
+    def history(self, name: str) -> torch.Tensor:
+        """The MA filter's stored gradients of one parameter, oldest first: (min(count, window), *shape)."""
+        ring, window = self.ring[name], self.config.window
+        if self.count < window:
+            return ring[: self.count]
+        slot = self.count % window
+        return torch.cat([ring[slot:], ring[:slot]])
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         state = {f"ema.{name}": t for name, t in self.ema.items()}
-        for name, history in self.history.items():
-            if history:
-                state[f"ma.{name}"] = torch.stack(list(history))
+        for name in self.ring:
+            state[f"ma.{name}"] = self.history(name)
+            state[f"masum.{name}"] = self.ring_sum[name]
+        if self.ring:
+            state["count"] = torch.tensor(self.count, dtype=torch.int64)
         return state
 
     def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        if "count" in state:
+            self.count = int(state["count"])
+        window = self.config.window
         for key, tensor in state.items():
-            kind, name = key.split(".", 1)
+            kind, _, name = key.partition(".")
             if kind == "ema":
                 self.ema[name] = tensor.clone()
             elif kind == "ma":
-                self.history[name] = deque(tensor.unbind(0), maxlen=self.config.window)
+                ring = torch.zeros((window, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+                n = tensor.shape[0]
+                # history is oldest first; put it back where the ring index expects it
+                slots = [(self.count - n + i) % window for i in range(n)]
+                ring[slots] = tensor
+                self.ring[name] = ring
+                if f"masum.{name}" in state:
+                    self.ring_sum[name] = state[f"masum.{name}"].clone()
+                else:
+                    self.ring_sum[name] = tensor.double().sum(0)
+
+
+# --- named recipes -------------------------------------------------------------------------------
+# Each recipe is a set of `--set` overrides of an experiment's [train] table; `lab train EXPERIMENT
+# --set ...` with them, or the experiments/nanda_<recipe>.toml files, train with it, and `lab bench`
+# times every recipe on modadd_quick and nanda_2023. "baseline" is the experiment as published.
+
+RECIPES: dict[str, dict[str, object]] = {
+    # The experiment's own optimiser settings (Nanda et al. 2023: AdamW lr 1e-3, wd 1, full batch).
+    "baseline": {},
+    # Grokfast EMA with the paper's defaults (alpha 0.98, lambda 2).
+    "grokfast_ema": {"train.grad_filter.kind": "ema", "train.grad_filter.alpha": 0.98, "train.grad_filter.lamb": 2.0},
+    # Grokfast MA with the paper's defaults (window 100, lambda 5).
+    "grokfast_ma": {"train.grad_filter.kind": "ma", "train.grad_filter.window": 100, "train.grad_filter.lamb": 5.0},
+    # Higher learning rate and weight decay, nothing else.
+    "high_lr_wd": {"train.lr": 3e-3, "train.weight_decay": 2.0},
+    # Prieto et al. 2025: StableMax cross-entropy and the ⊥Grad update.
+    "stablemax_orthograd": {"train.loss": "stablemax", "train.orthograd": True},
+    # Grokfast EMA with a higher learning rate and weight decay: the fastest combination measured.
+    "grokfast_ema_high_lr": {"train.grad_filter.kind": "ema", "train.grad_filter.alpha": 0.98, "train.grad_filter.lamb": 2.0,
+                             "train.lr": 3e-3, "train.weight_decay": 2.0},
+}
+
+
+def recipe_overrides(name: str) -> list[str]:
+    """A named recipe as `--set` assignments, e.g. ['train.grad_filter.kind="ema"', ...]."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; valid recipes: {', '.join(RECIPES)}")
+    import json
+
+    return [f"{key}={json.dumps(value)}" for key, value in RECIPES[name].items()]

@@ -113,6 +113,13 @@ class Run:
             self._models[key] = model.to(device).eval()
         return self._models[key]
 
+    def predict(self, text_or_tokens, step: int | None = None):
+        """The model's answer for a text (`"12 + 34 ="`, `"a cab"`) or token ids: a `lab.probe.Prediction`
+        with `label`, `label_id`, `probability` and `probabilities`. Bad text raises ValueError."""
+        from lab.probe import predict
+
+        return predict(self, text_or_tokens, step=step)
+
 
 def load_run(run: str | os.PathLike, runs_dir: str | os.PathLike | None = None) -> Run:
     """A run by path (`"runs/x"`) or by name under the runs folder (`"x"`). Raises RunError naming the missing file."""

@@ -7,6 +7,14 @@ and at the last step. A checkpoint also rewrites `resume.safetensors` (weights, 
 gradient-filter state), from which `--resume` continues so that the metrics equal those of an
 uninterrupted run bit for bit on CPU (only `elapsed_s` differs): full-batch training has no
 randomness after initialisation, and a mini-batch is drawn from a generator seeded by its step.
+With `stop_after_grok = N`, the run ends at the first evaluation at least N steps after the first
+one with test accuracy >= 0.99 (a row and a checkpoint are written there).
+
+Speed (see `lab bench`): the loss reads one position, so training and evaluation use
+`Transformer.forward_at`, which computes the last block, the MLP and the unembedding only there;
+with full-batch training the forward pass of the update at step s is also the train evaluation of
+the row at step s (the model after s updates), so a row costs only the test forward pass; AdamW
+runs fused where PyTorch has a fused kernel for the device.
 """
 
 from __future__ import annotations
@@ -46,17 +54,30 @@ def checkpoint_schedule(steps: int, every: int, n_log: int) -> set[int]:
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, split: Split, task: Task, config: ExperimentConfig, chunk: int = 4096) -> tuple[float, float]:
+def evaluate(model: Transformer, split: Split, task: Task, config: ExperimentConfig) -> tuple[float, float]:
     """(mean loss, accuracy) of the model on a split, in chunks to bound memory."""
     total_loss, correct = 0.0, 0
+    # Attention scores take batch * heads * pos^2 floats: keep a chunk's under ~8M (32 MB).
+    n_pos = split.tokens.shape[1]
+    chunk = max(1, min(8192, 8_000_000 // (config.model.n_heads * n_pos * n_pos)))
     dtype = torch.float64 if config.train.loss_dtype == "float64" else torch.float32
     for start in range(0, len(split), chunk):
         tokens = split.tokens[start : start + chunk]
         labels = split.labels[start : start + chunk]
-        logits = model(tokens)[:, task.read_position]  # (batch, vocab)
+        logits = model.forward_at(tokens, task.read_position)  # (batch, vocab)
         total_loss += task_loss(logits, labels, config.train.loss, dtype).item() * len(labels)
         correct += (logits.argmax(-1) == labels).sum().item()
     return total_loss / len(split), correct / len(split)
+
+
+def make_adamw(params, tc) -> torch.optim.AdamW:
+    """AdamW as configured; fused (one kernel for all parameters) where PyTorch has it, else foreach."""
+    params = list(params)
+    kwargs = dict(lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, ValueError, TypeError):
+        return torch.optim.AdamW(params, foreach=True, **kwargs)
 
 
 def weight_norm(model: torch.nn.Module) -> float:
@@ -102,7 +123,7 @@ class Trainer:
         self.train_split = self._to_device(self.task.split("train"))
         self.test_split = self._to_device(self.task.split("test"))
         self.model = Transformer(self.config.model).to(self.device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+        self.optimizer = make_adamw(self.model.parameters(), tc)
         self.grad_filter = GradFilter(tc.grad_filter, list(self.model.named_parameters())) if tc.grad_filter.kind != "none" else None
         self.loss_dtype = torch.float64 if tc.loss_dtype == "float64" else torch.float32
         self.schedule = checkpoint_schedule(tc.steps, tc.checkpoint_every, tc.log_checkpoints)
@@ -128,13 +149,23 @@ class Trainer:
         index = torch.randperm(len(self.train_split), generator=generator)[:size].to(self.device)
         return Split(self.train_split.tokens[index], self.train_split.labels[index])
 
-    def update(self) -> None:
+    @property
+    def full_batch(self) -> bool:
+        size = self.config.train.batch_size
+        return size is None or size >= len(self.train_split)
+
+    def train_forward(self, batch: Split) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, logits at the read position) of the model on a batch, with autograd."""
+        logits = self.model.forward_at(batch.tokens, self.task.read_position)  # (batch, vocab)
+        return task_loss(logits, batch.labels, self.config.train.loss, self.loss_dtype), logits
+
+    def update(self, forward: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """One optimiser step; `forward` is this step's `train_forward` if it was already computed."""
         tc = self.config.train
         batch = self.batch(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
-        logits = self.model(batch.tokens)[:, self.task.read_position]  # (batch, vocab)
-        loss = task_loss(logits, batch.labels, tc.loss, self.loss_dtype)
+        loss, _ = forward if forward is not None else self.train_forward(batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if tc.orthograd:
@@ -146,9 +177,10 @@ class Trainer:
 
     # --- evaluation and storage ---
 
-    def evaluate_row(self, started: float) -> dict:
+    def evaluate_row(self, started: float, train: tuple[float, float] | None = None) -> dict:
+        """Evaluate and store the row of the current step; `train` = (loss, acc) if already known."""
         self.model.eval()
-        train_loss, train_acc = evaluate(self.model, self.train_split, self.task, self.config)
+        train_loss, train_acc = train if train is not None else evaluate(self.model, self.train_split, self.task, self.config)
         test_loss, test_acc = evaluate(self.model, self.test_split, self.task, self.config)
         self.model.train()
         row = {
@@ -236,21 +268,29 @@ class Trainer:
         try:
             with _catch_stop_signals() as stop:
                 while True:
+                    forward = None
                     due_eval = self.step % tc.eval_every == 0 or self.step == tc.steps
                     if due_eval and not (self.rows and self.rows[-1]["step"] == self.step):
-                        row = self.evaluate_row(started)
+                        train = None
+                        if self.full_batch and self.step < tc.steps:
+                            # the update's forward pass is the train evaluation of this row
+                            forward = self.train_forward(self.train_split)
+                            correct = (forward[1].argmax(-1) == self.train_split.labels).sum().item()
+                            train = (forward[0].item(), correct / len(self.train_split))
+                        row = self.evaluate_row(started, train)
                         bar.set_postfix(train_acc=f"{row['train_acc']:.3f}", test_acc=f"{row['test_acc']:.3f}", refresh=False)
-                    if self.step in self.schedule:
+                    done = self.step >= tc.steps or self._stop_after_grok_reached()
+                    if self.step in self.schedule or (done and self.step < tc.steps):
                         self.save_checkpoint()
                         self.write_summary(status, started_at)
-                    if self.step >= tc.steps:
+                    if done:
                         status = "finished"
                         break
                     if stop.signal is not None:
                         self.save_checkpoint()
                         status = "interrupted"
                         break
-                    self.update()
+                    self.update(forward)
                     bar.update(1)
         except BaseException:
             self.write_summary("failed" if status == "running" else status, started_at)
@@ -258,6 +298,14 @@ class Trainer:
         finally:
             bar.close()
         return self.write_summary(status, started_at)
+
+    def _stop_after_grok_reached(self) -> bool:
+        """With `stop_after_grok = N`: is this an evaluated step at least N steps after the first grokked row?"""
+        wait = self.config.train.stop_after_grok
+        if wait is None or not self.rows or self.rows[-1]["step"] != self.step:
+            return False
+        grok = next((r["step"] for r in self.rows if r["test_acc"] >= GROK_ACC), None)
+        return grok is not None and self.step >= grok + wait
 
     @classmethod
     def resume(cls, run_dir: Path, progress: bool = True) -> "Trainer":

@@ -1,0 +1,121 @@
+"""Attention: per-head attention patterns of one run at any checkpoint, on a sentence the user types
+(a_and_b) or a pair a, b (modular), plus the model's prediction."""
+
+from __future__ import annotations
+
+import html
+
+import streamlit as st
+
+import lab
+from dashboard import common, figures
+
+st.title("Attention")
+
+
+@st.cache_data(show_spinner=False, max_entries=512)
+def attention(_run, path: str, stamp, step: int, text: str):
+    return lab.attention(_run, text, step=step)
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def grid_prefetcher(_run, path: str, steps: tuple, stamp) -> common.Prefetcher:
+    """Attention over all (a, b) at every checkpoint, computed in the background from the last step
+    outwards, so that scrubbing the slider answers from memory."""
+    return common.Prefetcher(lambda step: lab.modular_attention_grid(_run, step=step),
+                             common.by_distance(list(steps), steps[-1]))
+
+
+def modular_grid(run, step: int):
+    steps = tuple(common.checkpoint_steps(run))
+    prefetcher = grid_prefetcher(run, str(run.path), steps, common.checkpoint_stamp(run, steps[-1]))
+    grid = prefetcher.get(step)
+    if grid is None:  # not reached by the background thread yet
+        with st.spinner("Running the model on all (a, b)…"):
+            grid = lab.modular_attention_grid(run, step=step)
+        prefetcher.put(step, grid)
+    return grid
+
+
+def cls_highlight(pattern, tokens: list[str]) -> str:
+    """The classification token's attention over the characters, one line per head, as highlighted text."""
+    lines = []
+    n_layers, n_heads = pattern.shape[:2]
+    for layer in range(n_layers):
+        for head in range(n_heads):
+            weights = pattern[layer, head, 0, 1:].tolist()
+            spans = []
+            for char, w in zip(tokens[1:], weights):
+                alpha = max(0.0, min(1.0, w)) ** 0.5  # absolute 0..1 (comparable across heads), √ so small weights show
+                spans.append(
+                    f'<span title="{w:.4f}" style="background: rgba(255, 120, 0, {alpha:.3f}); padding: 2px 1px; '
+                    f'font-family: monospace; font-size: 1.15em">{html.escape(char)}</span>'
+                )
+            self_mass = float(pattern[layer, head, 0, 0])
+            lines.append(f'<div style="margin: 4px 0"><b>L{layer}H{head}</b>&nbsp;&nbsp;{"".join(spans)}'
+                         f'&nbsp;&nbsp;<small>(on &lt;cls&gt; itself: {self_mass:.3f})</small></div>')
+    return "".join(lines)
+
+
+def inputs(run):
+    """The checkpoint and the text to run (from the typed sentence, or from a and b)."""
+    task = run.task
+    step = common.pick_step(run, key="attn_step")
+    if step is None:
+        return None, None
+    if task.name == "modular":
+        cols = st.columns(2)
+        a = cols[0].number_input("a", min_value=0, max_value=task.p - 1, value=min(5, task.p - 1), step=1, key="attn_a")
+        b = cols[1].number_input("b", min_value=0, max_value=task.p - 1, value=min(7, task.p - 1), step=1, key="attn_b")
+        return step, f"{int(a)} {task.symbol} {int(b)} ="
+    alphabet = getattr(task, "alphabet", "")
+    default = "grab a cab" if all(c in alphabet for c in "grab a cab") else "ab" + alphabet.replace("a", "").replace("b", "")[:3]
+    text = st.text_input("Sentence", value=default, key="attn_text",
+                         help=f"Characters from the alphabet {alphabet!r}; up to {task.config.max_len} of them.")
+    return step, text
+
+
+def patterns(run, step: int, text: str, figs: dict) -> None:
+    task = run.task
+    result = attention(run, str(run.path), common.checkpoint_stamp(run, step), step, text)
+    answer = task.label_names[task.label(result.token_ids)]
+    cols = st.columns(3)
+    cols[0].metric("Prediction", result.prediction)
+    cols[1].metric("Probability", f"{result.probability:.4f}")
+    right = answer == result.prediction
+    cols[2].metric("Correct answer", answer, delta="model is right" if right else "model is wrong",
+                   delta_color="green" if right else "red", delta_arrow="off")
+    figs["attention"] = figures.attention_grid_figure(
+        result.pattern, result.tokens, title=f"{run.name}, step {step}: attention per head (rows: queries, columns: keys)")
+    common.chart(figs["attention"], key="attn_heatmaps")
+    if task.name == "a_and_b":
+        st.subheader("What the classification token reads")
+        st.caption("Each character shaded by the attention <cls> puts on it: white 0, full orange 1 (square-root "
+                   "scale, so that small weights still show); hover a character for the exact value.")
+        st.markdown(cls_highlight(result.pattern, result.tokens), unsafe_allow_html=True)
+
+
+def pairs_grid(run, step: int, figs: dict) -> None:
+    grid = modular_grid(run, step)
+    st.subheader("Attention from `=` to `a` over all (a, b)")
+    st.caption("Rows a, columns b. A head that reads a and b through Fourier features shows periodic stripes "
+               "(Nanda et al. 2023); scrub the checkpoint slider to watch them form.")
+    figs["attention over all pairs"] = figures.modular_grid_figure(grid, title=f"{run.name}, step {step}: attention = → a")
+    common.chart(figs["attention over all pairs"], key="attn_modular_grid")
+
+
+run = common.pick_run("Run", key="attn_run")
+if run is None:
+    st.stop()
+step = text = None
+with common.guard(run.name):
+    step, text = inputs(run)
+if step is None:
+    st.stop()
+figs: dict = {}
+with common.guard():  # bad text: the task's one-line ValueError, shown as an error, never a traceback
+    patterns(run, step, text, figs)
+if run.task.name == "modular":
+    with common.guard(run.name):
+        pairs_grid(run, step, figs)
+common.download_figures(figs, "Attention")

@@ -1,0 +1,11 @@
+"""Analyses of trained models, one module per concern.
+
+- `attention`: every head's pattern over one text; the `=`-to-`a` attention over the modular grid.
+- `ablation`: loss and accuracy with one head (or some MLP neurons) zeroed or mean-replaced.
+- `heads`: for a_and_b runs, which head looks at `a` and which at `b`.
+- `fourier`: the Fourier basis of Z_p, Fourier norms, key frequencies, restricted/excluded loss
+  (Nanda et al. 2023).
+- `progress`: those progress measures at every checkpoint of a run, cached in the run folder.
+
+The public calls are re-exported lazily as `lab.attention`, `lab.ablate_heads`, ... .
+"""

@@ -1,0 +1,86 @@
+"""Export a lab model to a TransformerLens 4.x `TransformerBridge`, so the whole TransformerLens
+toolbox (`cache.decompose_resid`, `cache.logit_attrs`, `cache.stack_head_results`, ...) applies.
+
+    bridge = run.model().to_transformer_lens()
+    logits, cache = bridge.run_with_cache(tokens)                  # modular: causal, no padding
+    logits = bridge(tokens, attention_mask=(tokens != 0).long())   # a_and_b: pass the padding mask
+
+The bridge is built with `TransformerBridge.boot_native` and carries the same weights (converted
+by TransformerLens's own `convert_tl_checkpoint`), so its logits equal the lab model's.
+
+What the bridge cannot represent, and how this export handles it:
+- `positional = "none"`: the bridge always adds a learned positional embedding; it gets an all-zero
+  one of length n_ctx, which is the same function, but inputs longer than n_ctx (which the lab
+  model accepts) are refused by the bridge.
+- Padding: the lab model masks keys equal to the pad token by itself; the bridge masks only what
+  `attention_mask` (1 = keep) tells it, so pass `attention_mask=(tokens != pad).long()` for tasks
+  with padding (a_and_b).
+- Any model setting this export does not know (an activation other than relu/gelu, a normalisation
+  other than none/LN, a positional scheme other than learned/none, or a config field added after
+  this export was written and set to a non-default value) raises `ExportError` instead of building
+  a bridge that computes something else.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SUPPORTED = {
+    "act_fn": ("relu", "gelu"),
+    "normalization": ("none", "LN"),
+    "positional": ("learned", "none"),
+}
+KNOWN_FIELDS = {"n_layers", "d_model", "n_heads", "d_head", "d_mlp", "act_fn", "attn_only", "normalization",
+                "positional", "seed", "d_vocab", "d_vocab_out", "n_ctx", "causal", "pad_token_id"}
+TOP_LEVEL = {"W_E": "embed.W_E", "W_pos": "pos_embed.W_pos", "W_U": "unembed.W_U", "b_U": "unembed.b_U"}
+
+
+class ExportError(ValueError):
+    """The model has a setting a TransformerLens bridge cannot represent; the message names it."""
+
+
+def _check_supported(model) -> None:
+    cfg = model.cfg
+    for key, valid in SUPPORTED.items():
+        value = getattr(cfg, key)
+        if value not in valid:
+            raise ExportError(f"cannot export to TransformerLens: model.{key} = {value!r} has no bridge equivalent "
+                              f"(supported: {', '.join(map(repr, valid))})")
+    defaults = {name: field.default for name, field in type(cfg).model_fields.items()}
+    for name in set(type(cfg).model_fields) - KNOWN_FIELDS:
+        if getattr(cfg, name) != defaults[name]:
+            raise ExportError(f"cannot export to TransformerLens: model.{name} = {getattr(cfg, name)!r} is a setting "
+                              "this export does not translate")
+
+
+def bridge_config(model):
+    """The `TransformerBridgeConfig` matching a lab model's config."""
+    from transformer_lens.config import TransformerBridgeConfig
+
+    cfg = model.cfg
+    return TransformerBridgeConfig(
+        n_layers=cfg.n_layers, d_model=cfg.d_model, n_heads=cfg.n_heads, d_head=cfg.d_head, d_mlp=cfg.d_mlp,
+        d_vocab=cfg.d_vocab, d_vocab_out=cfg.d_vocab_out, n_ctx=cfg.n_ctx, act_fn=cfg.act_fn,
+        normalization_type="LN" if cfg.normalization == "LN" else None, attn_only=cfg.attn_only,
+        attention_dir="causal" if cfg.causal else "bidirectional", eps=1e-5, device="cpu",
+    )
+
+
+def to_transformer_lens(model):
+    """A TransformerLens `TransformerBridge` (built with `boot_native`, on CPU, eval mode) with this
+    model's weights. Raises ExportError for settings the bridge cannot represent (see the module docs)."""
+    from transformer_lens import TransformerBridge
+    from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_checkpoint
+
+    _check_supported(model)
+    config = bridge_config(model)
+    state = {TOP_LEVEL.get(key, key): value.detach().to("cpu", torch.float32) for key, value in model.state_dict().items()}
+    if "pos_embed.W_pos" not in state:  # positional = "none": a zero positional embedding is the same function
+        state["pos_embed.W_pos"] = torch.zeros(model.cfg.n_ctx, model.cfg.d_model)
+    bridge = TransformerBridge.boot_native(config)
+    converted = convert_tl_checkpoint(state, bridge.cfg)
+    result = bridge.load_state_dict(converted, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ExportError(f"cannot export to TransformerLens: weights do not map onto the bridge "
+                          f"(missing {list(result.missing_keys)[:3]}, unexpected {list(result.unexpected_keys)[:3]})")
+    return bridge.eval()

@@ -1,0 +1,58 @@
+"""Small real runs for the dashboard tests, trained in-process (seconds, not minutes, on a shared CPU).
+
+Imported by tests/test_dashboard.py and tests/test_browser.py, which turn `make_runs` into a
+session-scoped fixture. Two runs: modular addition mod 23 (1 layer, 4 heads) and a_and_b with two
+layers of two heads, so the attention grid has more than one row.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+MODULAR = [
+    "task.p=23", "train.steps=200", "train.eval_every=20", "train.checkpoint_every=100", "train.log_checkpoints=4",
+    "model.d_model=32", "model.d_head=8", "model.n_heads=4", "model.d_mlp=64", "train.device=cpu",
+]
+A_AND_B = [
+    "task.n_train=256", "task.n_test=64", "task.max_train_len=8", "task.max_test_len=24", "task.max_len=48",
+    "train.steps=60", "train.eval_every=20", "train.checkpoint_every=30", "train.log_checkpoints=2",
+    "train.batch_size=128", "model.n_layers=2", "train.device=cpu",
+]
+
+
+def train(runs_dir: Path, experiment: str, name: str, overrides: list[str]) -> Path:
+    from lab.config import load_experiment
+    from lab.runs import new_run_dir
+    from lab.training import Trainer
+
+    config = load_experiment(experiment, overrides).resolve()
+    run_dir = new_run_dir(runs_dir, name, exact=True)
+    Trainer(config, run_dir, progress=False).run()
+    return run_dir
+
+
+def make_runs(runs_dir: Path) -> dict[str, Path]:
+    runs_dir = Path(runs_dir)
+    return {
+        "mod": train(runs_dir, "modadd_quick", "mod23", MODULAR),
+        "ab": train(runs_dir, "a_and_b", "ab", A_AND_B),
+    }
+
+
+_made: dict[str, tuple[Path, dict[str, Path]]] = {}
+
+
+def shared_runs(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
+    """The runs, trained once per test session however many test modules ask (one torch thread:
+    several times faster for models this small on a busy machine)."""
+    if "runs" not in _made:
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            folder = tmp_path_factory.mktemp("dashboard_runs")
+            _made["runs"] = folder, make_runs(folder)
+        finally:
+            torch.set_num_threads(threads)
+    return _made["runs"]

@@ -1,0 +1,237 @@
+"""The dashboard in a real browser: `lab dashboard` on a free local port, Debian's Chromium driven by
+playwright (no browser download). Opens every page, waits for the plotly charts to render, types a
+sentence on the Attention page and checks the heatmap's labels follow, scrubs the checkpoint slider,
+and saves a screenshot of each step under a folder it prints ($LAB_SCREENSHOTS_DIR, or a temp dir).
+
+Without Chromium or playwright the test skips with a one-line reason; under CI=true it fails instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import dashboard_runs  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+VIEWPORT = {"width": 1366, "height": 900}  # a laptop screen
+RENDER_TIMEOUT_MS = 120_000  # a page with a plotly chart takes ~7 s on an idle machine; CI machines are busy
+
+
+def _browser_or_skip() -> None:
+    reason = None
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        reason = "the playwright Python package is not installed (pip install -e '.[dev]')"
+    if reason is None and not os.access(CHROMIUM, os.X_OK):
+        reason = f"no Chromium at {CHROMIUM} (on Debian/Ubuntu: apt install chromium)"
+    if reason:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true, so the browser test must run, but {reason}")
+        pytest.skip(reason)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_live_run(live: Path, source: Path) -> None:
+    """A copy of a finished run that looks as if training were at its second evaluation."""
+    shutil.copytree(source, live)
+    lines = (live / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (live / "metrics.jsonl").write_text("".join(lines[:2]))
+    (live / "rest.jsonl").write_text("".join(lines[2:]))  # what "training" appends later
+    summary = json.loads((live / "summary.json").read_text())
+    summary.update(status="running", step=json.loads(lines[1])["step"], updated_at=time.time() + 60)
+    (live / "summary.json").write_text(json.dumps(summary))
+
+
+def _finish_live_run(live: Path) -> None:
+    with open(live / "metrics.jsonl", "a") as f:
+        f.write((live / "rest.jsonl").read_text())
+    summary = json.loads((live / "summary.json").read_text())
+    summary.update(status="finished", step=summary["steps"])
+    (live / "summary.json").write_text(json.dumps(summary))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    _browser_or_skip()
+    shared, made = dashboard_runs.shared_runs(tmp_path_factory)
+    folder = tmp_path_factory.mktemp("browser_runs")
+    for name in ("mod23", "ab"):
+        shutil.copytree(shared / name, folder / name)
+    _start_live_run(folder / "live", shared / "ab")
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("dashboard_server") / "server.log"
+    log = open(log_path, "w")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lab.cli", "dashboard", "--runs-dir", str(folder), "--port", str(port), "--headless"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"lab dashboard did not come up on {url}:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield url, folder
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory, request):
+    folder = Path(os.environ.get("LAB_SCREENSHOTS_DIR") or tmp_path_factory.mktemp("dashboard_screenshots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        print(f"\ndashboard screenshots: {folder}")
+    return folder
+
+
+def _settle(page) -> None:
+    """Wait until Streamlit has finished the script run and every plotly chart on the page has drawn."""
+    page.wait_for_selector(".js-plotly-plot .main-svg", timeout=RENDER_TIMEOUT_MS)
+    page.wait_for_function(
+        """() => !document.querySelector('[data-testid="stStatusWidget"]')
+                 && [...document.querySelectorAll('.js-plotly-plot')].every(gd => gd._fullLayout && gd.querySelector('.main-svg'))""",
+        timeout=RENDER_TIMEOUT_MS,
+    )
+    page.wait_for_timeout(500)
+
+
+def _heatmap(page) -> dict:
+    """The first heatmap chart's tick labels and title, read from the plotly graph div."""
+    return page.evaluate(
+        """() => { const gd = [...document.querySelectorAll('.js-plotly-plot')]
+                     .find(g => g.data && g.data[0] && g.data[0].type === 'heatmap');
+                   return gd ? {x: gd.layout.xaxis.ticktext, title: gd.layout.title.text} : null; }"""
+    )
+
+
+def _shoot(page, path: Path) -> None:
+    """A screenshot of the whole page: Streamlit scrolls inside its main block, so grow the window to fit it."""
+    height = page.evaluate("() => { const m = document.querySelector('[data-testid=\"stMain\"]');"
+                           " return m ? m.scrollHeight : document.body.scrollHeight; }")
+    page.set_viewport_size({"width": VIEWPORT["width"], "height": max(VIEWPORT["height"], min(int(height), 8000))})
+    page.wait_for_timeout(700)  # plotly redraws on resize
+    page.screenshot(path=str(path))
+    page.set_viewport_size(VIEWPORT)
+
+
+def _no_exception(page) -> None:
+    assert page.locator('[data-testid="stException"]').count() == 0, page.locator('[data-testid="stException"]').first.inner_text()
+
+
+def test_dashboard_in_a_browser(server, shots):
+    from playwright.sync_api import sync_playwright
+
+    url, folder = server
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport=VIEWPORT)
+
+            # A run still training: its curve grows on the Runs page without a reload.
+            page.goto(url)
+            _settle(page)
+            live_points = """() => { const g = document.querySelector('.js-plotly-plot');
+                const t = g && g._fullData.find(t => t.name === 'live test'); return t ? t._length : -1; }"""
+            assert page.evaluate(live_points) == 1  # steps 0 and 20; step 0 is off the log axis
+            _finish_live_run(folder / "live")
+            page.wait_for_function(f"() => ({live_points})() === 3", timeout=RENDER_TIMEOUT_MS)
+
+            for n, (path, title) in enumerate([("", "Runs"), ("curves", "Curves"), ("attention", "Attention"),
+                                               ("progress", "Progress measures"), ("heads", "Heads")], start=1):
+                page.goto(f"{url}/{path}")
+                page.get_by_role("heading", name=title).first.wait_for(timeout=RENDER_TIMEOUT_MS)
+                _settle(page)
+                _no_exception(page)
+                assert page.locator(".js-plotly-plot").count() >= 1, f"no chart on {title}"
+                _shoot(page, shots / f"{n}_{path or 'runs'}.png")
+
+            # Attention: the a_and_b run, a typed sentence, then the checkpoint slider scrubbed to step 0.
+            page.goto(f"{url}/attention")
+            page.get_by_role("heading", name="Attention").first.wait_for(timeout=RENDER_TIMEOUT_MS)
+            _settle(page)
+            if (_heatmap(page) or {}).get("x", [None])[0] != "<cls>":
+                page.locator('[data-testid="stSelectbox"]').first.click()
+                page.get_by_role("option", name="ab", exact=True).click()
+                page.wait_for_function("() => { const g = document.querySelector('.js-plotly-plot');"
+                                       " return g && g.layout && g.layout.xaxis.ticktext[0] === '<cls>'; }",
+                                       timeout=RENDER_TIMEOUT_MS)
+                _settle(page)
+            before = _heatmap(page)
+            assert before["x"][0] == "<cls>"
+            sentence = page.get_by_label("Sentence", exact=True).and_(page.locator("input"))
+            sentence.fill("bbc cab")
+            sentence.press("Enter")
+            page.wait_for_function(
+                "() => { const g = [...document.querySelectorAll('.js-plotly-plot')].find(g => g.data[0].type === 'heatmap');"
+                " return g && g.layout.xaxis.ticktext.join('') === '<cls>bbc␣cab'; }",
+                timeout=RENDER_TIMEOUT_MS,
+            )
+            _settle(page)
+            after = _heatmap(page)
+            assert after["x"] == ["<cls>", "b", "b", "c", "␣", "c", "a", "b"] and after["x"] != before["x"]
+            _shoot(page, shots / "6_attention_typed.png")
+
+            page.get_by_role("slider").first.focus()
+            page.keyboard.press("Home")
+            page.wait_for_function(
+                "() => { const g = [...document.querySelectorAll('.js-plotly-plot')].find(g => g.data[0].type === 'heatmap');"
+                " return g && g.layout.title.text.includes('step 0:'); }",
+                timeout=RENDER_TIMEOUT_MS,
+            )
+            _settle(page)
+            _no_exception(page)
+            _shoot(page, shots / "7_attention_step0.png")
+
+            sentence.fill("abc!")
+            sentence.press("Enter")
+            page.get_by_text("is not in this task's alphabet").first.wait_for(timeout=RENDER_TIMEOUT_MS)
+            _no_exception(page)
+            _shoot(page, shots / "8_attention_bad_text.png")
+
+            # A modular run: the pair's heatmap, plus attention from '=' to 'a' over all (a, b).
+            page.locator('[data-testid="stSelectbox"]').first.click()
+            page.get_by_role("option", name="mod23", exact=True).click()
+            page.wait_for_function("() => [...document.querySelectorAll('.js-plotly-plot')]"
+                                   ".some(g => g.layout && (g.layout.title.text || '').includes('= → a'))",
+                                   timeout=RENDER_TIMEOUT_MS)
+            _settle(page)
+            _no_exception(page)
+            assert _heatmap(page)["x"] == ["5", "7", "="]
+            _shoot(page, shots / "9_attention_modular.png")
+        finally:
+            browser.close()
+    assert len(list(shots.glob("*.png"))) == 9, sorted(p.name for p in shots.glob("*.png"))

@@ -1,0 +1,100 @@
+"""The CLI as a user meets it: a subprocess, its exit code, and one clear line on bad input."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lab.runs import read_jsonl
+
+
+def lab(*args, env=None, cwd=None):
+    return subprocess.run([sys.executable, "-m", "lab.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=300)
+
+
+def test_help_is_fast_and_does_not_import_torch():
+    code = ("import sys, time; t = time.perf_counter(); from lab.cli import build_parser; build_parser().format_help(); "
+            "print(time.perf_counter() - t, 'torch' in sys.modules, 'pydantic' in sys.modules)")
+    seconds, torch_loaded, _ = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert torch_loaded == "False"
+    assert float(seconds) < 0.5
+    result = lab("--help")
+    assert result.returncode == 0 and "train" in result.stdout and "dashboard" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "no_such_experiment"], "no experiment 'no_such_experiment': not a file, and not one of experiments/ ("),
+        (["train", "modadd_quick", "--set", "train.lr=fast"], "train.lr = 'fast': Input should be a valid number"),
+        (["train", "modadd_quick", "--set", "train.lrr=0.1"], "unknown key 'train.lrr'; did you mean 'lr'?"),
+        (["train", "modadd_quick", "--set", "task.operator=pow"], "unknown operator 'pow'; valid operators: add, sub, mul, div"),
+        (["train", "modadd_quick", "--set", "task.name=sorting"], "unknown task 'sorting'; valid tasks: a_and_b, modular"),
+        (["train", "modadd_quick", "--set", "task.operator=div", "--set", "task.p=60"], "p = 60 is not prime"),
+        (["train", "modadd_quick", "--set", "train.steps=-5"], "train.steps = -5: Input should be greater than or equal to 0"),
+        (["train", "modadd_quick", "--set", "nonsense"], "--set 'nonsense' is not of the form section.key=value"),
+        (["train", "modadd_quick", "--name", "../escape"], "run name '../escape' is not allowed"),
+        (["train", "modadd_quick", "--name", "/etc"], "run name '/etc' is not allowed"),
+        (["train"], "lab train needs an EXPERIMENT"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, args, message):
+    result = lab(*args, "--runs-dir", str(tmp_path))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lab: error: "), result.stderr
+    assert message in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not any(tmp_path.iterdir())  # no half-made run folder left behind
+
+
+def test_bad_toml_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[task\nname = 1")
+    result = lab("train", str(bad), "--runs-dir", str(tmp_path / "runs"))
+    assert result.returncode == 2 and "bad.toml: not valid TOML" in result.stderr
+
+
+def test_train_runs_and_sweep_end_to_end(tmp_path):
+    runs = tmp_path / "runs"
+    small = ["--set", "task.p=7", "--set", "model.d_model=16", "--set", "model.d_mlp=32", "--set", "train.steps=30",
+             "--set", "train.eval_every=10"]
+    first = lab("train", "modadd_quick", *small, "--quiet", env={"LAB_RUNS_DIR": str(runs)})
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith(f"finished: {runs / 'modadd_quick'} at step 30/30")
+    second = lab("train", "modadd_quick", *small, "--quiet", "--runs-dir", str(runs))
+    assert second.returncode == 0 and (runs / "modadd_quick-2" / "summary.json").exists()  # never overwrites
+    taken = lab("train", "modadd_quick", *small, "--name", "modadd_quick", "--runs-dir", str(runs))
+    assert taken.returncode == 2 and "already exists; continue it with --resume" in taken.stderr
+
+    sweep = lab("sweep", "modadd_quick", *small, "--grid", "train.weight_decay=0.1,1.0", "--quiet", "--runs-dir", str(runs))
+    assert sweep.returncode == 0, sweep.stderr
+    swept = sorted(p.name for p in runs.iterdir() if "weight_decay" in p.name)
+    assert swept == ["modadd_quick.weight_decay-0.1", "modadd_quick.weight_decay-1.0"]
+    config = json.loads((runs / swept[0] / "config.json").read_text())
+    assert config["train"]["weight_decay"] == 0.1 and config["task"]["p"] == 7
+
+    listing = lab("runs", "--runs-dir", str(runs))
+    assert listing.returncode == 0
+    header, *rows = listing.stdout.strip().splitlines()
+    assert header.split() == ["name", "task", "status", "step", "memorize_step", "grok_step", "test_acc"]
+    assert len(rows) == 4 and all("finished" in row and "30/30" in row for row in rows)
+    as_json = json.loads(lab("runs", "--json", "--runs-dir", str(runs)).stdout)
+    assert {row["name"] for row in as_json} == {"modadd_quick", "modadd_quick-2", *swept}
+
+
+def test_runs_with_no_runs_says_how_to_start(tmp_path):
+    result = lab("runs", "--runs-dir", str(tmp_path / "none"))
+    assert result.returncode == 0 and "lab train modadd_quick" in result.stdout
+
+
+def test_runs_lists_a_damaged_run_without_failing(tmp_path):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "summary.json").write_text("{not json")
+    result = lab("runs", "--runs-dir", str(tmp_path))
+    assert result.returncode == 0 and "broken" in result.stdout and "damaged" in result.stdout

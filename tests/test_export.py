@@ -1,0 +1,74 @@
+"""`model.to_transformer_lens()`: a TransformerLens 4.x TransformerBridge with the same weights and logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lab
+from runs_for_tests import a_and_b_run, grokked_run  # noqa: F401  (fixtures)
+
+
+@torch.no_grad()
+def test_modular_export_matches_and_the_toolbox_works(grokked_run):
+    from transformer_lens import TransformerBridge
+
+    model, task = grokked_run.model(), grokked_run.task
+    bridge = model.to_transformer_lens()
+    assert isinstance(bridge, TransformerBridge)
+    tokens = task.split("test").tokens
+    ours, theirs = model(tokens)[:, -1], bridge(tokens)[:, -1]
+    assert (ours - theirs).abs().max() < 1e-5
+    assert ours.abs().max() > 1  # a real comparison, not of two near-zero tensors
+
+    logits, cache = bridge.run_with_cache(tokens[:8])
+    heads, labels = cache.stack_head_results(layer=-1, pos_slice=-1, return_labels=True)
+    assert heads.shape[:2] == (4, 8) and labels == ["L0H0", "L0H1", "L0H2", "L0H3"]
+    resid = cache.decompose_resid(pos_slice=-1)  # (component, batch, d_model)
+    assert torch.allclose(resid.sum(0), cache["blocks.0.hook_resid_post"][:, -1], atol=1e-4)
+    attrs = cache.logit_attrs(resid, tokens=task.split("test").labels[:8])
+    assert attrs.shape == (resid.shape[0], 8)
+    assert torch.allclose(cache["pattern", 0], model.run_with_cache(tokens[:8])[1]["pattern", 0], atol=1e-6)
+
+
+@torch.no_grad()
+def test_a_and_b_export_with_padding_mask(a_and_b_run):
+    model, task = a_and_b_run.model(), a_and_b_run.task
+    bridge = model.to_transformer_lens()
+    tokens = task.split("test").tokens  # padded
+    assert (tokens == task.pad_token_id).any()
+    theirs = bridge(tokens, attention_mask=(tokens != task.pad_token_id).long())[:, task.read_position]
+    assert (model(tokens)[:, task.read_position] - theirs).abs().max() < 1e-5
+
+
+@torch.no_grad()
+def test_layernorm_gelu_attn_only_models_export_exactly():
+    from lab.config import load_experiment
+    from lab.model import Transformer
+    from lab.tasks import make_task
+
+    for overrides in (["model.normalization=LN", "model.act_fn=gelu", "model.n_layers=2"], ["model.attn_only=true"]):
+        config = load_experiment("modadd_quick", ["task.p=11", "model.d_model=16", "model.d_head=4", "model.d_mlp=32",
+                                                  *overrides]).resolve()
+        model = Transformer(config.model).eval()
+        for name, param in model.named_parameters():  # non-trivial biases and LayerNorm weights
+            if not name.rsplit(".", 1)[-1].startswith("W_"):
+                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))) * 0.3)
+        tokens = make_task(config.task).split("test").tokens
+        assert (model(tokens) - model.to_transformer_lens()(tokens)).abs().max() < 1e-5, overrides
+
+
+def test_settings_the_bridge_cannot_represent_fail_clearly(grokked_run, monkeypatch):
+    """A model setting the export does not translate must refuse, not build a bridge computing something else.
+    (Every setting the lab has today is translatable, so the export's tables are narrowed to stand in for
+    a future one.)"""
+    from lab import export
+
+    model = lab.Transformer(grokked_run.config.model.model_copy(update={"seed": 5, "act_fn": "gelu"}))
+    monkeypatch.setattr(export, "SUPPORTED", {**export.SUPPORTED, "act_fn": ("relu",)})
+    with pytest.raises(lab.ExportError, match=r"model\.act_fn = 'gelu' has no bridge equivalent \(supported: 'relu'\)"):
+        model.to_transformer_lens()
+    monkeypatch.setattr(export, "SUPPORTED", {key: value for key, value in export.SUPPORTED.items() if key != "act_fn"})
+    monkeypatch.setattr(export, "KNOWN_FIELDS", export.KNOWN_FIELDS - {"seed"})
+    with pytest.raises(lab.ExportError, match=r"model\.seed = 5 is a setting this export does not translate"):
+        model.to_transformer_lens()

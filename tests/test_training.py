@@ -1,0 +1,146 @@
+"""Training: loss falls, determinism, run-folder contents, and exact resume after Ctrl-C or kill -9."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lab.config import validate_experiment
+from lab.runs import checkpoint_steps, load_tensors, read_jsonl
+from lab.training import Trainer, checkpoint_schedule
+
+TINY = {
+    "name": "tiny",
+    "task": {"name": "modular", "p": 11, "train_frac": 0.5},
+    "model": {"d_model": 32, "n_heads": 2, "d_head": 16, "d_mlp": 64},
+    "train": {"steps": 120, "lr": 3e-3, "eval_every": 10, "checkpoint_every": 50, "log_checkpoints": 4},
+}
+
+
+def tiny(**train):
+    data = json.loads(json.dumps(TINY))
+    data["train"].update(train)
+    return validate_experiment(data)
+
+
+def without_time(rows):
+    return [{k: v for k, v in row.items() if k != "elapsed_s"} for row in rows]
+
+
+def test_loss_falls_and_run_folder_is_complete(tmp_path):
+    summary = Trainer(tiny(), tmp_path / "run", progress=False).run()
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(0, 121, 10))
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] / 2
+    assert set(rows[0]) >= {"step", "train_loss", "train_acc", "test_loss", "test_acc", "weight_norm", "elapsed_s"}
+    assert summary["status"] == "finished" and summary["step"] == 120
+    assert summary["memorize_step"] == next(r["step"] for r in rows if r["train_acc"] >= 0.99)
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert on_disk == summary
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["model"]["d_vocab"] == 12 and config["model"]["causal"] is True  # resolved
+    assert checkpoint_steps(tmp_path / "run") == sorted(checkpoint_schedule(120, 50, 4))
+    tensors, meta = load_tensors(tmp_path / "run" / "checkpoints" / "step_0000120.safetensors")
+    assert meta["step"] == "120" and "blocks.0.attn.W_Q" in tensors
+    assert not list((tmp_path / "run").rglob("*.tmp"))
+
+
+def test_checkpoint_schedule_is_log_spaced_plus_periodic():
+    schedule = checkpoint_schedule(10000, 2500, 8)
+    assert {0, 2500, 5000, 7500, 10000} <= schedule
+    early = sorted(s for s in schedule if 0 < s < 2500)
+    assert len(early) >= 5 and early[0] <= 5  # dense early, where memorisation happens
+
+
+def test_training_is_deterministic_to_the_bit(tmp_path):
+    config = tiny(steps=40, batch_size=16)
+    Trainer(config, tmp_path / "a", progress=False).run()
+    Trainer(config, tmp_path / "b", progress=False).run()
+    assert without_time(read_jsonl(tmp_path / "a" / "metrics.jsonl")) == without_time(read_jsonl(tmp_path / "b" / "metrics.jsonl"))
+
+
+def lab_cmd(*args, **kwargs):
+    return [sys.executable, "-m", "lab.cli", *args]
+
+
+def write_config(path: Path, data: dict) -> Path:
+    import tomllib  # noqa: F401  (the CLI reads TOML; write it by hand)
+
+    lines = [f'name = "{data["name"]}"']
+    for section in ("task", "model", "train"):
+        lines.append(f"[{section}]")
+        for key, value in data[section].items():
+            if isinstance(value, dict):
+                continue
+            lines.append(f"{key} = {json.dumps(value)}")
+        for key, value in data[section].items():
+            if isinstance(value, dict):
+                lines.append(f"[{section}.{key}]")
+                lines += [f"{k} = {json.dumps(v)}" for k, v in value.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+RESUMABLE = {
+    "name": "resumable",
+    "task": {"name": "modular", "p": 11, "train_frac": 0.5},
+    "model": {"d_model": 32, "n_heads": 2, "d_head": 16, "d_mlp": 64},
+    # Mini-batches and a Grokfast filter, so that resume must restore the batch order and the filter state too.
+    "train": {"steps": 1500, "lr": 3e-3, "batch_size": 24, "eval_every": 20, "checkpoint_every": 150,
+              "log_checkpoints": 0, "grad_filter": {"kind": "ema", "alpha": 0.9, "lamb": 1.0}},
+}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("straight")
+    config = write_config(root / "resumable.toml", RESUMABLE)
+    subprocess.run(lab_cmd("train", str(config), "--runs-dir", str(root), "--name", "run", "--quiet"), check=True)
+    return config, read_jsonl(root / "run" / "metrics.jsonl")
+
+
+def wait_for_rows(path: Path, step: int, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        rows = read_jsonl(path)
+        if rows and rows[-1]["step"] >= step:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"training never reached step {step}")
+
+
+@pytest.mark.parametrize("how", ["kill -9", "ctrl-c"])
+def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, uninterrupted, how):
+    config, expected = uninterrupted
+    run = tmp_path / "run"
+    proc = subprocess.Popen(lab_cmd("train", str(config), "--runs-dir", str(tmp_path), "--name", "run", "--quiet"),
+                            stderr=subprocess.PIPE, text=True)
+    wait_for_rows(run / "metrics.jsonl", 400)  # past two checkpoints, between evals
+    proc.send_signal(signal.SIGKILL if how == "kill -9" else signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    status = json.loads((run / "summary.json").read_text())["status"]
+    if how == "kill -9":
+        assert proc.returncode == -signal.SIGKILL and status == "running"
+    else:
+        assert proc.returncode == 130, stderr
+        assert status == "interrupted" and "lab train --resume" in stderr
+    partial = read_jsonl(run / "metrics.jsonl")
+    assert partial[-1]["step"] < 1500
+
+    done = subprocess.run(lab_cmd("train", "--resume", str(run), "--quiet"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [r["step"] for r in expected]  # none lost, none repeated
+    assert without_time(rows) == without_time(expected)  # the same numbers, to the bit
+    assert json.loads((run / "summary.json").read_text())["status"] == "finished"
+
+
+def test_resume_of_a_folder_that_is_not_a_run(tmp_path):
+    result = subprocess.run(lab_cmd("train", "--resume", str(tmp_path)), capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"lab: error: {tmp_path}: nothing to resume (no resume.safetensors); is this a run folder?"
