@@ -176,7 +176,9 @@ def bench_step(rounds: int, device: torch.device, log: Callable[[str], None]) ->
 
 def grok_case(experiment: str, recipe: str, max_steps: int, device: torch.device) -> dict:
     """Train `experiment` with `recipe` until test acc >= 0.99 (or `max_steps`); steps and seconds to grok."""
-    overrides = [*recipe_overrides(recipe), f"train.device={json.dumps(device.type)}", "train.stop_after_grok=0"]
+    # every case is evaluated every 50 steps, so that grok steps are resolved alike
+    overrides = [*recipe_overrides(recipe), f"train.device={json.dumps(device.type)}", "train.stop_after_grok=0",
+                 "train.eval_every=50"]
     config = load_experiment(experiment, overrides).resolve()
     if config.train.steps > max_steps:
         config = config.model_copy(update={"train": config.train.model_copy(update={"steps": max_steps})})
