@@ -43,13 +43,16 @@ GROK_EXPERIMENTS = ("modadd_quick", "nanda_2023")
 
 
 def step_flops(cfg: ModelConfig, batch: int, n_pos: int, causal_keys: int | None = None) -> int:
-    """Matmul FLOPs one training step must do when the loss reads one position (2 per multiply-add).
+    """Matmul FLOPs one training step must do when the loss reads one position (2 per multiply-add),
+    counted for the algorithm of `Transformer.forward_at`.
 
     Earlier layers run at every position; the last layer needs keys and values at the `causal_keys`
     positions the read position can see (all by default), and its query, attention output, MLP and
-    unembedding at the read position only. Backward costs twice the forward (gradients of inputs and
-    of weights; the first layer's input gradient is needed too, since the embeddings are trained).
-    Element-wise work (softmax, ReLU, AdamW) is not counted.
+    unembedding at the read position only. A one-layer model without LayerNorm gets Q, K and V from
+    per-token and per-position tables ((d_vocab + n_pos) rows instead of batch * positions).
+    Backward costs twice the forward (gradients of inputs and of weights; the first layer's input
+    gradient is needed too, since the embeddings are trained). Element-wise work (softmax, ReLU,
+    AdamW) and table look-ups are not counted.
     """
     d, he, h, e = cfg.d_model, cfg.n_heads * cfg.d_head, cfg.n_heads, cfg.d_head
     keys = n_pos if causal_keys is None else causal_keys
@@ -57,7 +60,11 @@ def step_flops(cfg: ModelConfig, batch: int, n_pos: int, causal_keys: int | None
     per_position_full = 2 * d * 3 * he + 2 * he * d + mlp  # QKV, O, MLP at one position
     scores_full = 2 * 2 * h * e * n_pos * n_pos  # q·k and pattern·v over all (query, key) pairs
     forward = (cfg.n_layers - 1) * batch * (n_pos * per_position_full + scores_full)
-    last = keys * 2 * d * 2 * he + 2 * d * he + 2 * 2 * h * e * keys + 2 * he * d + mlp
+    if cfg.n_layers == 1 and cfg.normalization == "none":
+        forward += (cfg.d_vocab + n_pos) * 2 * d * 3 * he  # the Q, K, V tables
+        last = 2 * 2 * h * e * keys + 2 * he * d + mlp
+    else:
+        last = keys * 2 * d * 2 * he + 2 * d * he + 2 * 2 * h * e * keys + 2 * he * d + mlp
     forward += batch * (last + 2 * d * cfg.d_vocab_out)
     return 3 * forward
 
@@ -186,6 +193,8 @@ def grok_case(experiment: str, recipe: str, max_steps: int, device: torch.device
         start = time.perf_counter()
         summary = Trainer(config, Path(tmp) / "run", progress=False).run()
         seconds = time.perf_counter() - start
+    if summary["status"] == "interrupted":  # Ctrl-C stopped the training loop: stop the whole bench
+        raise KeyboardInterrupt
     grok, memorize = summary["grok_step"], summary["memorize_step"]
     return {
         "steps": grok,
@@ -259,6 +268,8 @@ def run_bench(quick: bool = False, device: str = "cpu", max_steps: int = 20000, 
     }
     step = bench_step(rounds or (10 if quick else 30), dev, log)
     result["step"] = step
+    log(f"step: ours {step['ours_ms']:.1f} ms, TransformerLens {step['transformer_lens_ms']:.1f} ms "
+        f"({step['step_speedup_vs_transformer_lens']:.2f}x), {100 * step['share_of_matmul_peak']:.0f}% of the matmul peak")
     result["step_speedup_vs_transformer_lens"] = step["step_speedup_vs_transformer_lens"]
     result["share_of_matmul_peak"] = step["share_of_matmul_peak"]
     result["grok"] = {}
@@ -266,7 +277,8 @@ def run_bench(quick: bool = False, device: str = "cpu", max_steps: int = 20000, 
         result["grok"][experiment] = {}
         for recipe in RECIPES:
             log(f"grok: {experiment} / {recipe} (cap {max_steps} steps) ...")
-            result["grok"][experiment][recipe] = grok_case(experiment, recipe, max_steps, dev)
+            case = result["grok"][experiment][recipe] = grok_case(experiment, recipe, max_steps, dev)
+            log(f"  memorised at {case['memorize_step']}, grokked at {case['steps']} ({case['seconds_run']:.1f} s)")
     log("wall time of `lab train modadd_quick` ...")
     result["modadd_quick_wall_s"] = wall_time_of_train("modadd_quick", dev)
     result["memory"] = bench_memory(dev)

@@ -164,10 +164,15 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from lab.bench import main as bench_main
-
     if args.max_steps < 1:
         raise UserError(f"--max-steps must be at least 1, got {args.max_steps}")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available on this machine; use --device cpu")
+    from lab.bench import main as bench_main
+
     return bench_main(quick=args.quick, device=args.device, max_steps=args.max_steps, json_path=args.json, rounds=args.rounds)
 
 

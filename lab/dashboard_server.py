@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -70,12 +71,17 @@ def serve(runs_dir: str | os.PathLike | None = None, port: int = 8501, host: str
     env[RUNS_DIR_ENV] = str(folder)
     print(f"dashboard: http://{host}:{port}  (runs folder: {folder}; Ctrl-C to stop)", file=sys.stderr)
     process = subprocess.Popen(command(host, port, headless), env=env)
+    # SIGTERM (a service manager, a test's teardown) must stop the server too, not orphan it.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         return process.wait()
     except KeyboardInterrupt:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()

@@ -14,18 +14,21 @@ def test_step_flops_of_the_nanda_setup():
     cfg = ModelConfig(n_layers=1, d_model=128, n_heads=4, d_head=32, d_mlp=512, d_vocab=114, d_vocab_out=113, n_ctx=3, causal=True)
     B = 3830
     forward = (
-        B * 3 * 2 * 128 * 256  # K and V at the 3 positions
-        + B * 2 * 128 * 128  # Q at the read position
+        (114 + 3) * 2 * 128 * 384  # Q, K, V tables of the tokens and positions (one layer, no LayerNorm)
         + B * 2 * 2 * 4 * 32 * 3  # scores and pattern·V for one query over 3 keys
         + B * 2 * 128 * 128  # W_O
         + B * 2 * 2 * 128 * 512  # MLP
         + B * 2 * 128 * 113  # unembedding
     )
     assert step_flops(cfg, B, 3) == 3 * forward
+    # with LayerNorm, K and V are computed at the 3 positions and Q at the read one
+    ln = cfg.model_copy(update={"normalization": "LN"})
+    ln_forward = forward - (114 + 3) * 2 * 128 * 384 + B * (3 * 2 * 128 * 256 + 2 * 128 * 128)
+    assert step_flops(ln, B, 3) == 3 * ln_forward
     # a second layer runs at every position: it adds a full layer's work
-    two = cfg.model_copy(update={"n_layers": 2})
+    two = ln.model_copy(update={"n_layers": 2})
     full_layer = B * (3 * (2 * 128 * 384 + 2 * 128 * 128 + 2 * 2 * 128 * 512) + 2 * 2 * 4 * 32 * 9)
-    assert step_flops(two, B, 3) == 3 * (forward + full_layer)
+    assert step_flops(two, B, 3) == 3 * (ln_forward + full_layer)
 
 
 def test_interleaved_medians_calls_each_function_once_per_round_in_turn():
@@ -64,7 +67,7 @@ def test_grok_case_reports_steps_memorisation_and_the_cap(tmp_path, monkeypatch)
 
     monkeypatch.setattr(bench, "load_experiment", load_tiny)
     case = grok_case("tiny", "grokfast_ema", max_steps=10, device=torch.device("cpu"))
-    assert case["steps_run"] <= 10 and case["eval_every"] == 5
+    assert case["steps_run"] <= 10 and case["eval_every"] == 50  # the bench evaluates every case every 50 steps
     assert case["capped"] == (case["steps"] is None)
     if case["steps"] is None:
         assert case["seconds"] is None and case["steps_run"] == 10
@@ -84,3 +87,11 @@ def test_format_table_lists_every_case():
     table = format_table(result)
     assert "3.00 x" in table and "62.5 %" in table
     assert "baseline" in table and "1200" in table and ">500" in table
+
+
+def test_bench_cli_rejects_bad_arguments_in_one_line():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "lab.cli", "bench", "--max-steps", "0"], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.strip() == "lab: error: --max-steps must be at least 1, got 0"

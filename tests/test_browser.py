@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -100,12 +101,32 @@ def server(tmp_path_factory):
             pytest.fail(f"lab dashboard did not come up on {url}:\n{log_path.read_text()[-3000:]}")
         time.sleep(0.5)
     yield url, folder
-    process.terminate()
+    process.terminate()  # `lab dashboard` alone: it must stop its streamlit server itself
     try:
         process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    log.close()
+        deadline = time.monotonic() + 15
+        while _servers_on(port) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _servers_on(port), "lab dashboard left its streamlit server running after SIGTERM"
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # whatever is left of its session
+        except ProcessLookupError:
+            pass
+        log.close()
+
+
+def _servers_on(port: int) -> list[int]:
+    """Pids of streamlit servers started for this port (read from /proc)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"streamlit" in b" ".join(args) and str(port).encode() in args:
+            pids.append(int(cmdline.parent.name))
+    return pids
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """The shipped quick experiments do what the README promises, trained exactly as a user would."""
 
 import json
+import random
 import subprocess
 import sys
 
@@ -53,4 +54,20 @@ def test_a_and_b_reaches_995_including_longer_strings(tmp_path):
     with torch.no_grad():
         predicted = model(tokens)[:, 0].argmax(-1).tolist()
     assert predicted == list(cases.values())
+
+    # The hard case at full length: one `a` and/or one `b` hidden among 255 other characters.
+    rng = random.Random(0)
+    texts, labels = [], []
+    for i in range(90):
+        chars = [rng.choice("cdefghijklmnopqrstuvwxyz ") for _ in range(256)]
+        at_a, at_b = rng.sample(range(256), 2)
+        if i % 3 in (0, 1):
+            chars[at_a] = "a"
+        if i % 3 in (0, 2):
+            chars[at_b] = "b"
+        texts.append("".join(chars))
+        labels.append(int(i % 3 == 0))
+    with torch.no_grad():
+        predicted = model(task.encode_batch(texts))[:, 0].argmax(-1)
+    assert (predicted == torch.tensor(labels)).float().mean() >= 0.99
     assert json.loads((tmp_path / "a_and_b" / "config.json").read_text())["model"]["positional"] == "none"

@@ -1,7 +1,6 @@
 """The README's REPL walkthrough runs as written.
 
-The code is read from README.md's section "## Probing from the REPL" (or, until the README has
-it, from .readme_parts/repl.md). Its python blocks run in order in one namespace, from a folder
+The code is read from README.md's section "## Probing from the REPL". Its python blocks run in order in one namespace, from a folder
 whose `runs/` holds the session's small `modadd_quick` and `a_and_b` runs (standing in for the
 `lab train` lines, which would take minutes); the `lab analyze` lines run through the CLI, and
 every `lab ...` line must parse.
@@ -24,13 +23,10 @@ SECTION = "## Probing from the REPL"
 
 
 def walkthrough_text() -> str:
-    readme = ROOT / "README.md"
-    if readme.is_file():
-        text = readme.read_text()
-        if SECTION in text:
-            section = text.split(SECTION, 1)[1]
-            return SECTION + re.split(r"\n## ", section, maxsplit=1)[0]
-    return (ROOT / ".readme_parts" / "repl.md").read_text()
+    text = (ROOT / "README.md").read_text()
+    assert SECTION in text, f"README.md has no section {SECTION!r}"
+    section = text.split(SECTION, 1)[1]
+    return SECTION + re.split(r"\n## ", section, maxsplit=1)[0]
 
 
 def blocks(text: str, language: str) -> list[str]:

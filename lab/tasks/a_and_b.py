@@ -97,10 +97,15 @@ class AAndBTask(Task):
         """A random string of one of four kinds: 'both', 'a_only', 'b_only', 'neither'."""
         banned = {"both": "", "a_only": "b", "b_only": "a", "neither": "ab"}[kind]
         pool = [c for c in self.alphabet if c not in banned]
+        if rng.random() < 0.5:  # fillers from a few characters: "xxxx...xab" must be no surprise
+            pool = rng.sample(pool, rng.randint(1, len(pool)))
         chars = [rng.choice(pool) for _ in range(length)]
-        # Plant the letters the kind needs; a varying count so that "how many" is not a cue.
+        # Plant the letters the kind needs: in half the strings 1 to 3 of each whatever the length (a
+        # single `a` in a long string is the hard case: attention must not dilute it away), in the
+        # other half up to half the string (so that "aaaa...a" is no surprise either).
         for letter in {"both": "ab", "a_only": "a", "b_only": "b", "neither": ""}[kind]:
-            for _ in range(rng.randint(1, max(1, length // 4))):
+            most = min(3, length) if rng.random() < 0.5 else max(1, length // 2)
+            for _ in range(rng.randint(1, most)):
                 chars[rng.randrange(length)] = letter
         if kind == "both" and not ("a" in chars and "b" in chars):  # one letter overwrote the other
             i, j = rng.sample(range(length), 2)
