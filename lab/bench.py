@@ -230,12 +230,27 @@ from lab.config import load_experiment
 from lab.training import Trainer
 device = sys.argv[1]
 config = load_experiment("nanda_2023", [f"train.device={json.dumps(device)}"]).resolve()
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+def status_kb(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+
+try:  # Linux: reset the high-water mark, so that the imports' transient peak does not hide training's
+    open("/proc/self/clear_refs", "w").write("5")
+    base = status_kb("VmRSS")
+except OSError:
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 trainer = Trainer(config, tempfile.mkdtemp() + "/run", progress=False)
 for _ in range(5):
     trainer.update()
 cuda = torch.cuda.max_memory_allocated() if device == "cuda" else None
-print(json.dumps({"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "before_kb": base, "cuda": cuda}))
+try:
+    training_peak = status_kb("VmHWM")
+except OSError:
+    training_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "before_kb": base,
+                  "training_peak_kb": training_peak, "cuda": cuda}))
 """
 
 
@@ -244,7 +259,7 @@ def bench_memory(device: torch.device) -> dict:
     done = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, device.type], capture_output=True, text=True, check=True)
     probe = json.loads(done.stdout.strip().splitlines()[-1])
     out = {"peak_rss_mb": round(probe["maxrss_kb"] / 1024, 1),
-           "training_rss_mb": round((probe["maxrss_kb"] - probe["before_kb"]) / 1024, 1)}
+           "training_rss_mb": round((probe["training_peak_kb"] - probe["before_kb"]) / 1024, 1)}
     if probe["cuda"] is not None:
         out["cuda_max_allocated_mb"] = round(probe["cuda"] / 2**20, 1)
     return out
