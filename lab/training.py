@@ -7,6 +7,9 @@ and at the last step. A checkpoint also rewrites `resume.safetensors` (weights, 
 gradient-filter state), from which `--resume` continues so that the metrics equal those of an
 uninterrupted run bit for bit on CPU (only `elapsed_s` differs): full-batch training has no
 randomness after initialisation, and a mini-batch is drawn from a generator seeded by its step.
+Across processes this relies on MKL's strict reproducibility mode, which `import lab` switches on
+(`MKL_CBWR=AUTO,STRICT`) before torch loads.
+
 With `stop_after_grok = N`, the run ends at the first evaluation at least N steps after the first
 one with test accuracy >= 0.99 (a row and a checkpoint are written there).
 

@@ -19,7 +19,7 @@ import pytest
 RUN_SETTINGS = {
     "modadd_quick": ("modadd_quick", [
         "task.p=23", "task.train_frac=0.7", "model.d_model=48", "model.d_head=12", "model.d_mlp=128",
-        "train.steps=500", "train.stop_after_grok=1000", "train.lr=1e-2", "train.eval_every=50", "train.checkpoint_every=100", "train.log_checkpoints=4",
+        "train.steps=500", "train.stop_after_grok=1000", "train.lr=1e-2", "train.weight_decay=1.0", "train.eval_every=50", "train.checkpoint_every=100", "train.log_checkpoints=4",
     ]),
     "a_and_b": ("a_and_b", [
         "task.max_train_len=8", "task.max_test_len=24", "task.max_len=64", "task.n_train=1024", "task.n_test=256",

@@ -112,8 +112,12 @@ def test_progress_measures_tell_the_published_story(grokked_run):
     # key-frequency terms alone already predict the test split far better than the full model does
     memorised = frame[frame["train_acc"] == 1.0].iloc[0]
     assert memorised["restricted_loss"] < 0.5 * memorised["test_loss"]
-    # excluded loss (key terms removed, train split) rises while train loss stays near zero
-    assert last["excluded_loss"] > 10 * last["train_loss"] and last["excluded_loss"] > frame.iloc[0]["excluded_loss"]
+    # excluded loss (key terms removed, train split) rises while train loss stays near zero (it may
+    # fall again after the cleanup, so look at its peak once the training set is memorised)
+    after = frame[frame["step"] >= memorised["step"]]
+    peak = after.loc[after["excluded_loss"].idxmax()]
+    assert peak["excluded_loss"] > frame.iloc[0]["excluded_loss"] and peak["excluded_loss"] > 10 * peak["train_loss"]
+    assert last["excluded_loss"] > 10 * last["train_loss"]
     # the embedding becomes sparse in the Fourier basis
     assert last["gini_embed"] > frame.iloc[0]["gini_embed"] + 0.1
     assert (frame["sum_sq_weights"] > 0).all()
