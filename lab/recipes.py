@@ -22,15 +22,20 @@ import torch.nn.functional as F
 from lab.config import GradFilterConfig
 
 
+def _s(logits: torch.Tensor) -> torch.Tensor:
+    """StableMax's replacement for exp: x + 1 for x >= 0, 1 / (1 - x) for x < 0."""
+    return torch.where(logits >= 0, logits + 1, 1 / (1 - logits.clamp(max=0)))
+
+
 def stablemax(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """StableMax probabilities: s(x) / sum s(x), with s(x) = x + 1 for x >= 0 and 1 / (1 - x) for x < 0."""
-    s = torch.where(logits >= 0, logits + 1, 1 / (1 - logits.clamp(max=0)))
+    """StableMax probabilities: s(x) / sum s(x)."""
+    s = _s(logits)
     return s / s.sum(dim=dim, keepdim=True)
 
 
 def log_stablemax(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """log of StableMax probabilities, as log s(x) - log sum s(x) (no underflow of tiny probabilities)."""
-    s = torch.where(logits >= 0, logits + 1, 1 / (1 - logits.clamp(max=0)))
+    s = _s(logits)
     return s.log() - s.sum(dim=dim, keepdim=True).log()
 
 
