@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from lab.config import ExperimentConfig, ModelConfig, load_experiment
+from lab.config import ModelConfig, load_experiment
 from lab.recipes import RECIPES, recipe_overrides
 from lab.training import Trainer, resolve_device
 
@@ -98,23 +98,13 @@ def matmul_sample(n: int, device: torch.device) -> tuple[int, Callable[[], objec
     return 2 * n**3, lambda: torch.mm(a, b, out=out)
 
 
-def transformer_lens_step(config: ExperimentConfig, device: torch.device) -> tuple[Callable[[], torch.Tensor], torch.nn.Module]:
-    """One training step as in TransformerLens's Grokking demo, on a native TransformerBridge of the same config."""
-    from transformer_lens import TransformerBridge
-    from transformer_lens.config import TransformerBridgeConfig
-
-    mc, tc = config.model, config.train
-    bridge_cfg = TransformerBridgeConfig(
-        n_layers=mc.n_layers, d_model=mc.d_model, n_heads=mc.n_heads, d_head=mc.d_head, d_mlp=mc.d_mlp,
-        d_vocab=mc.d_vocab, d_vocab_out=mc.d_vocab_out, n_ctx=mc.n_ctx, act_fn=mc.act_fn,
-        normalization_type=None, device=str(device),
-    )
-    model = TransformerBridge.boot_native(bridge_cfg).to(device)
+def transformer_lens_step(ours: Trainer, device: torch.device) -> tuple[Callable[[], torch.Tensor], torch.nn.Module]:
+    """One training step as in TransformerLens's Grokking demo, on a native TransformerBridge of the same
+    config (`boot_native`, via `lab.export`) that starts from our model's weights."""
+    model = ours.model.to_transformer_lens().to(device).train()
+    tc = ours.config.train
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=tc.betas)
-    from lab.tasks import make_task
-
-    split = make_task(config.task).split("train")
-    tokens, labels = split.tokens.to(device), split.labels.to(device)
+    tokens, labels = ours.train_split.tokens, ours.train_split.labels
 
     def step() -> float:
         logits = model(tokens)[:, -1].to(torch.float64)  # the demo's loss_fn: float64 log-softmax
@@ -127,31 +117,13 @@ def transformer_lens_step(config: ExperimentConfig, device: torch.device) -> tup
     return step, model
 
 
-def copy_into_bridge(ours: torch.nn.Module, bridge: torch.nn.Module) -> None:
-    """Load our model's weights into a native TransformerBridge (Linear layers store (out, in))."""
-    sd = {"embed.weight": ours.W_E, "pos_embed.weight": ours.W_pos, "unembed.weight": ours.W_U.T, "unembed.bias": ours.b_U}
-    for layer, block in enumerate(ours.blocks):
-        a, p = block.attn, f"blocks.{layer}."
-        h, d, e = a.W_Q.shape
-        for name, W, b in (("q", a.W_Q, a.b_Q), ("k", a.W_K, a.b_K), ("v", a.W_V, a.b_V)):
-            sd[f"{p}attn.{name}.weight"] = W.permute(0, 2, 1).reshape(h * e, d)
-            sd[f"{p}attn.{name}.bias"] = b.reshape(h * e)
-        sd[f"{p}attn.o.weight"] = a.W_O.reshape(h * e, d).T
-        sd[f"{p}attn.o.bias"] = a.b_O
-        sd[f"{p}mlp.in.weight"], sd[f"{p}mlp.in.bias"] = block.mlp.W_in.T, block.mlp.b_in
-        sd[f"{p}mlp.out.weight"], sd[f"{p}mlp.out.bias"] = block.mlp.W_out.T, block.mlp.b_out
-    with torch.no_grad():
-        bridge.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=False)
-
-
 def bench_step(rounds: int, device: torch.device, log: Callable[[str], None]) -> dict:
     config = load_experiment("nanda_2023", [f"train.device={json.dumps(device.type)}"]).resolve()
     with tempfile.TemporaryDirectory() as tmp:
         ours = Trainer(config, Path(tmp) / "run", progress=False)
     log("importing TransformerLens for the baseline ...")
-    tl_step, bridge = transformer_lens_step(config, device)
+    tl_step, bridge = transformer_lens_step(ours, device)
     # The baseline must be the same model: with our weights it must give our logits.
-    copy_into_bridge(ours.model, bridge)
     with torch.no_grad():
         tokens = ours.train_split.tokens[:256]
         same = (bridge(tokens)[:, -1] - ours.model(tokens)[:, -1]).abs().max().item()

@@ -5,9 +5,9 @@ import json
 
 import torch
 
-from lab.bench import copy_into_bridge, format_table, grok_case, interleaved_medians, step_flops, transformer_lens_step
+from lab.bench import format_table, grok_case, interleaved_medians, step_flops, transformer_lens_step
 from lab.config import ModelConfig, apply_overrides, validate_experiment
-from lab.model import Transformer
+from lab.training import Trainer
 
 
 def test_step_flops_of_the_nanda_setup():
@@ -47,11 +47,11 @@ TINY = {
 }
 
 
-def test_the_transformer_lens_baseline_is_our_model_and_trains():
+def test_the_transformer_lens_baseline_is_our_model_and_trains(tmp_path):
     config = validate_experiment(TINY).resolve()
-    step, bridge = transformer_lens_step(config, torch.device("cpu"))
-    ours = Transformer(config.model)
-    copy_into_bridge(ours, bridge)
+    trainer = Trainer(config, tmp_path / "run", progress=False)
+    step, bridge = transformer_lens_step(trainer, torch.device("cpu"))
+    ours = trainer.model
     tokens = torch.tensor([[0, 1, 7], [3, 6, 7], [5, 5, 7]])
     with torch.no_grad():
         torch.testing.assert_close(bridge(tokens), ours(tokens), rtol=1e-5, atol=1e-5)
