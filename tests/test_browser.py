@@ -181,6 +181,7 @@ def test_dashboard_in_a_browser(server, shots):
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport=VIEWPORT)
+            page.set_default_timeout(RENDER_TIMEOUT_MS)  # clicks and navigation too, not only the waits
 
             # A run still training: its curve grows on the Runs page without a reload.
             page.goto(url)
