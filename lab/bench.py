@@ -27,81 +27,37 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from lab.config import ModelConfig, load_experiment
+from lab.bench_sweep import bench_sweep
+from lab.config import load_experiment
+from lab.export import to_transformer_lens
+from lab.measure import interleaved_medians, matmul_sample, step_flops
 from lab.recipes import RECIPES, recipe_overrides
+from lab.storage import atomic_write_json
 from lab.training import Trainer, resolve_device
 
-GROK_EXPERIMENTS = ("modadd_quick", "nanda_2023")
+
+@dataclass(frozen=True)
+class BenchSetup:
+    """Which experiments the bench measures (names in experiments/ or TOML paths); the defaults are `lab bench`'s."""
+
+    step: str = "nanda_2023"  # step timing and peak memory
+    grok: tuple[str, ...] = ("modadd_quick", "nanda_2023")  # steps to grok per recipe (--quick: the first)
+    wall: str = "modadd_quick"  # the whole `lab train` process, start to exit
 
 
 # --- FLOPs ---------------------------------------------------------------------------------------
 
 
-def step_flops(cfg: ModelConfig, batch: int, n_pos: int, causal_keys: int | None = None) -> int:
-    """Matmul FLOPs one training step must do when the loss reads one position (2 per multiply-add),
-    counted for the algorithm of `Transformer.forward_at`.
-
-    Earlier layers run at every position; the last layer needs keys and values at the `causal_keys`
-    positions the read position can see (all by default), and its query, attention output, MLP and
-    unembedding at the read position only. A one-layer model without LayerNorm gets Q, K and V from
-    per-token and per-position tables ((d_vocab + n_pos) rows instead of batch * positions).
-    Backward costs twice the forward (gradients of inputs and of weights; the first layer's input
-    gradient is needed too, since the embeddings are trained). Element-wise work (softmax, ReLU,
-    AdamW) and table look-ups are not counted.
-    """
-    d, he, h, e = cfg.d_model, cfg.n_heads * cfg.d_head, cfg.n_heads, cfg.d_head
-    keys = n_pos if causal_keys is None else causal_keys
-    mlp = 0 if cfg.attn_only else 2 * 2 * d * cfg.d_mlp
-    per_position_full = 2 * d * 3 * he + 2 * he * d + mlp  # QKV, O, MLP at one position
-    scores_full = 2 * 2 * h * e * n_pos * n_pos  # q·k and pattern·v over all (query, key) pairs
-    forward = (cfg.n_layers - 1) * batch * (n_pos * per_position_full + scores_full)
-    if cfg.n_layers == 1 and cfg.normalization == "none":
-        forward += (cfg.d_vocab + n_pos) * 2 * d * 3 * he  # the Q, K, V tables
-        last = 2 * 2 * h * e * keys + 2 * he * d + mlp
-    else:
-        last = keys * 2 * d * 2 * he + 2 * d * he + 2 * 2 * h * e * keys + 2 * he * d + mlp
-    forward += batch * (last + 2 * d * cfg.d_vocab_out)
-    return 3 * forward
-
-
-# --- timing --------------------------------------------------------------------------------------
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int, warmup: int, device: torch.device) -> dict[str, list[float]]:
-    """Call every function once per round, in turn, `rounds` times (after `warmup` rounds); seconds per call."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for r in range(warmup + rounds):
-        for name, fn in fns.items():
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            if r >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return times
-
-
-def matmul_sample(n: int, device: torch.device) -> tuple[int, Callable[[], object]]:
-    """(FLOPs, a function doing one n x n x n fp32 matmul): the probe of the machine's matmul peak."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    out = torch.empty(n, n, device=device)
-    return 2 * n**3, lambda: torch.mm(a, b, out=out)
-
-
 def transformer_lens_step(ours: Trainer, device: torch.device) -> tuple[Callable[[], torch.Tensor], torch.nn.Module]:
     """One training step as in TransformerLens's Grokking demo, on a native TransformerBridge of the same
     config (`boot_native`, via `lab.export`) that starts from our model's weights."""
-    model = ours.model.to_transformer_lens().to(device).train()
+    model = to_transformer_lens(ours.model, requires_grad=True).to(device).train()
     tc = ours.config.train
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=tc.betas)
     tokens, labels = ours.train_split.tokens, ours.train_split.labels
@@ -117,8 +73,8 @@ def transformer_lens_step(ours: Trainer, device: torch.device) -> tuple[Callable
     return step, model
 
 
-def bench_step(rounds: int, device: torch.device, log: Callable[[str], None]) -> dict:
-    config = load_experiment("nanda_2023", [f"train.device={json.dumps(device.type)}"]).resolve()
+def bench_step(rounds: int, device: torch.device, log: Callable[[str], None], experiment: str = "nanda_2023") -> dict:
+    config = load_experiment(experiment, [f"train.device={json.dumps(device.type)}"]).resolve()
     with tempfile.TemporaryDirectory() as tmp:
         ours = Trainer(config, Path(tmp) / "run", progress=False)
     log("importing TransformerLens for the baseline ...")
@@ -200,8 +156,8 @@ _MEMORY_PROBE = """
 import json, resource, sys, tempfile, torch
 from lab.config import load_experiment
 from lab.training import Trainer
-device = sys.argv[1]
-config = load_experiment("nanda_2023", [f"train.device={json.dumps(device)}"]).resolve()
+device, experiment = sys.argv[1], sys.argv[2]
+config = load_experiment(experiment, [f"train.device={json.dumps(device)}"]).resolve()
 
 def status_kb(field):
     for line in open("/proc/self/status"):
@@ -226,9 +182,9 @@ print(json.dumps({"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrs
 """
 
 
-def bench_memory(device: torch.device) -> dict:
-    """Peak memory of a training process on the Nanda setup (5 full-batch steps), in a fresh process."""
-    done = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, device.type], capture_output=True, text=True, check=True)
+def bench_memory(device: torch.device, experiment: str = "nanda_2023") -> dict:
+    """Peak memory of a training process (5 steps of `experiment`, by default the Nanda setup), in a fresh process."""
+    done = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, device.type, experiment], capture_output=True, text=True, check=True)
     probe = json.loads(done.stdout.strip().splitlines()[-1])
     out = {"peak_rss_mb": round(probe["maxrss_kb"] / 1024, 1),
            "training_rss_mb": round((probe["training_peak_kb"] - probe["before_kb"]) / 1024, 1)}
@@ -241,7 +197,8 @@ def bench_memory(device: torch.device) -> dict:
 
 
 def run_bench(quick: bool = False, device: str = "cpu", max_steps: int = 20000, rounds: int | None = None,
-              log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
+              log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
+              setup: BenchSetup = BenchSetup()) -> dict:
     dev = resolve_device(device)
     result: dict = {
         "device": str(dev),
@@ -252,34 +209,38 @@ def run_bench(quick: bool = False, device: str = "cpu", max_steps: int = 20000, 
         "load_average_1m": os.getloadavg()[0],
         "quick": quick,
         "max_steps": max_steps,
+        "setup": {"step": setup.step, "grok": list(setup.grok), "wall": setup.wall},
     }
-    step = bench_step(rounds or (10 if quick else 30), dev, log)
+    step = bench_step(rounds or (10 if quick else 30), dev, log, setup.step)
     result["step"] = step
     log(f"step: ours {step['ours_ms']:.1f} ms, TransformerLens {step['transformer_lens_ms']:.1f} ms "
         f"({step['step_speedup_vs_transformer_lens']:.2f}x), {100 * step['share_of_matmul_peak']:.0f}% of the matmul peak")
     result["step_speedup_vs_transformer_lens"] = step["step_speedup_vs_transformer_lens"]
     result["share_of_matmul_peak"] = step["share_of_matmul_peak"]
     result["grok"] = {}
-    for experiment in GROK_EXPERIMENTS[:1] if quick else GROK_EXPERIMENTS:
+    for experiment in setup.grok[:1] if quick else setup.grok:
         result["grok"][experiment] = {}
         for recipe in RECIPES:
             log(f"grok: {experiment} / {recipe} (cap {max_steps} steps) ...")
             case = result["grok"][experiment][recipe] = grok_case(experiment, recipe, max_steps, dev)
             log(f"  memorised at {case['memorize_step']}, grokked at {case['steps']} ({case['seconds_run']:.1f} s)")
-    log("wall time of `lab train modadd_quick` ...")
-    result["modadd_quick_wall_s"] = wall_time_of_train("modadd_quick", dev)
-    result["memory"] = bench_memory(dev)
+    log(f"wall time of `lab train {setup.wall}` ...")
+    result["modadd_quick_wall_s"] = {"experiment": setup.wall, **wall_time_of_train(setup.wall, dev)}
+    result["memory"] = bench_memory(dev, setup.step)
+    # Sweeps: 64 members trained as one stacked ensemble against the same members one after another.
+    result["sweep"] = bench_sweep(device, rounds=rounds, sizes=("small",) if quick else ("small", "quick"), log=log)
     result["load_average_1m_end"] = os.getloadavg()[0]
     return result
 
 
 def format_table(result: dict) -> str:
     s = result["step"]
+    step_setup = result.get("setup", {}).get("step", "nanda_2023")
     lines = [
         f"device {result['device']} ({result['device_name']}), torch {result['torch']}, {result['threads']} threads, "
         f"load average {result['load_average_1m']:.1f} -> {result['load_average_1m_end']:.1f}",
         "",
-        f"Step on the Nanda et al. 2023 setup (medians of {s['rounds']} interleaved rounds)",
+        f"Step on {'the Nanda et al. 2023 setup' if step_setup == 'nanda_2023' else step_setup} (medians of {s['rounds']} interleaved rounds)",
         f"  ours                  {s['ours_ms']:9.1f} ms   {s['ours_gflops_per_s']:7.1f} GFLOP/s ({s['flops_per_step'] / 1e9:.2f} GFLOP/step)",
         f"  TransformerLens       {s['transformer_lens_ms']:9.1f} ms",
         f"  speed-up              {s['step_speedup_vs_transformer_lens']:9.2f} x",
@@ -297,17 +258,27 @@ def format_table(result: dict) -> str:
     w = result["modadd_quick_wall_s"]
     lines += [
         "",
-        f"`lab train modadd_quick`: {w['seconds']:.1f} s process start to exit, memorized at {w['memorize_step']}, "
+        f"`lab train {w.get('experiment', 'modadd_quick')}`: {w['seconds']:.1f} s process start to exit, memorized at {w['memorize_step']}, "
         f"grokked at {w['grok_step']}, {w['steps']} steps",
-        f"Peak memory of a Nanda training process: {result['memory']['peak_rss_mb']:.0f} MB RSS"
+        f"Peak memory of a training process ({step_setup}): "
+        f"{result['memory']['peak_rss_mb']:.0f} MB RSS"
         + (f", CUDA {result['memory']['cuda_max_allocated_mb']:.0f} MB" if "cuda_max_allocated_mb" in result["memory"] else ""),
     ]
+    sweep = result.get("sweep", {})
+    sizes = [size for size in ("small", "quick") if size in sweep]
+    if sizes:
+        lines += ["", "Sweeps: 64 members as one stacked ensemble vs one after another (medians)"]
+        for size in sizes:
+            f = sweep[size]
+            lines.append(f"  {size:<6} {f['speedup_vs_sequential']:6.2f}x sequential, {f['member_steps_per_s']:8.0f} member steps/s, "
+                         f"{100 * f['share_of_matmul_peak']:5.1f}% of the matmul peak")
     return "\n".join(lines)
 
 
-def main(quick: bool, device: str, max_steps: int, json_path: str | None, rounds: int | None = None) -> int:
-    result = run_bench(quick=quick, device=device, max_steps=max_steps, rounds=rounds)
+def main(quick: bool, device: str, max_steps: int, json_path: str | None, rounds: int | None = None,
+         setup: BenchSetup = BenchSetup()) -> int:
+    result = run_bench(quick=quick, device=device, max_steps=max_steps, rounds=rounds, setup=setup)
     print(format_table(result))
     if json_path:
-        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_json(Path(json_path), result)
     return 0

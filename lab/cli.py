@@ -8,9 +8,10 @@ Errors a user can fix (bad config value, unknown key, missing file, bad run name
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+from pathlib import Path
 
+EXIT_DIVERGED = 1  # the run stopped on a non-finite loss (summary status "diverged")
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
@@ -28,12 +29,12 @@ def _add_runs_dir(parser: argparse.ArgumentParser) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from lab.config import load_experiment
-    from lab.runs import default_runs_dir, new_run_dir
+    from lab.storage import default_runs_dir, new_run_dir
     from lab.training import Trainer
 
     progress = not args.quiet
-    if args.resume:
-        if args.experiment or args.overrides or args.name:
+    if args.resume is not None:
+        if args.experiment or args.overrides or args.name is not None:
             raise UserError("--resume RUN_DIR continues a run with its own config; drop EXPERIMENT, --name and --set")
         trainer = Trainer.resume(args.resume, progress=progress)
         summary = trainer.run(resume=True)
@@ -41,7 +42,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not args.experiment:
             raise UserError("lab train needs an EXPERIMENT (a TOML path or a name in experiments/), or --resume RUN_DIR")
         config = load_experiment(args.experiment, args.overrides).resolve()
-        run_dir = new_run_dir(args.runs_dir or default_runs_dir(), args.name or config.name, exact=bool(args.name))
+        named = args.name is not None  # --name '' is refused by new_run_dir, not silently replaced
+        run_dir = new_run_dir(args.runs_dir or default_runs_dir(), args.name if named else config.name, exact=named)
         print(f"run folder: {run_dir}", file=sys.stderr)
         try:
             trainer = Trainer(config, run_dir, progress=progress)
@@ -51,11 +53,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise
         summary = trainer.run()
     _print_summary(summary, trainer.run_dir)
-    return EXIT_INTERRUPTED if summary["status"] == "interrupted" else 0
+    args.run_dir = trainer.run_dir  # for `lab demo`, which analyses what it trained
+    return {"interrupted": EXIT_INTERRUPTED, "diverged": EXIT_DIVERGED}.get(summary["status"], 0)
 
 
 def _print_summary(summary: dict, run_dir) -> None:
-    final = summary.get("final", {})
+    final = {k: v if v is not None else float("nan") for k, v in summary.get("final", {}).items()}
     print(
         f"{summary['status']}: {run_dir} at step {summary['step']}/{summary['steps']}, "
         f"train acc {final.get('train_acc', float('nan')):.4f}, test acc {final.get('test_acc', float('nan')):.4f}, "
@@ -63,39 +66,55 @@ def _print_summary(summary: dict, run_dir) -> None:
     )
     if summary["status"] == "interrupted":
         print(f"resume with: lab train --resume {run_dir}", file=sys.stderr)
+    if summary["status"] == "diverged":
+        print(f"lab: diverged: {summary.get('hint')}", file=sys.stderr)
 
 
 # --- lab sweep -------------------------------------------------------------------------------------
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    import itertools
+    """Train (or continue) every member of a sweep: see `lab.sweep`."""
+    from lab.sweep import SweepSpec, run_sweep
 
-    from lab.config import load_experiment, parse_override
-    from lab.runs import default_runs_dir, new_run_dir
-    from lab.training import Trainer
+    spec = SweepSpec.build(args.experiment, grid=args.grid, seeds=args.seeds, overrides=args.overrides, name=args.name)
+    result = run_sweep(spec, runs_dir=args.runs_dir, backend=args.backend, address=args.address, progress=not args.quiet)
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(result["counts"].items()))
+    print(f"{result['status']}: {result['sweep_dir']}: {result['members']} members ({counts}); "
+          f"trained {result['trained']}, skipped {result['skipped']} already finished")
+    if result["status"] == "interrupted":
+        print("continue it: run the same command again (same --grid, --seeds, --set and --name)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
 
-    axes = []
-    for grid in args.grid:
-        key, sep, values = grid.partition("=")
-        if not sep or not values:
-            raise UserError(f"--grid {grid!r} is not of the form section.key=v1,v2,... (e.g. train.weight_decay=0.3,1.0)")
-        axes.append([f"{key}={value}" for value in values.split(",")])
-    combos = list(itertools.product(*axes)) or [()]
-    base = load_experiment(args.experiment, args.overrides)
-    configs = []
-    for combo in combos:  # validate every point before training any
-        config = load_experiment(args.experiment, [*args.overrides, *combo]).resolve()
-        label = ".".join(f"{parse_override(c)[0][-1]}-{c.partition('=')[2]}" for c in combo)
-        configs.append((config, f"{args.name or base.name}.{label}" if label else args.name or base.name))
-    print(f"sweep: {len(configs)} runs", file=sys.stderr)
-    for i, (config, name) in enumerate(configs, 1):
-        run_dir = new_run_dir(args.runs_dir or default_runs_dir(), name.replace("/", "-"), exact=False)
-        print(f"[{i}/{len(configs)}] {run_dir}", file=sys.stderr)
-        summary = Trainer(config, run_dir, progress=not args.quiet).run()
-        _print_summary(summary, run_dir)
-        if summary["status"] == "interrupted":
-            return EXIT_INTERRUPTED
+
+def cmd_sweeps(args: argparse.Namespace) -> int:
+    import json
+
+    from lab.storage import default_runs_dir
+    from lab.sweep import list_sweeps
+
+    rows = list_sweeps(args.runs_dir)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no sweeps in {args.runs_dir or default_runs_dir()}; start one with: "
+              "lab sweep modadd_quick --grid train.weight_decay=0.3,1,3 --seeds 2")
+        return 0
+    columns = ["name", "experiment", "axes", "members", "progress", "phases"]
+    table = []
+    for row in rows:
+        axes = " x ".join(f"{key.rsplit('.', 1)[-1]}({len(values)})" for key, values in row["axes"].items())
+        if row.get("seeds"):
+            axes = f"{axes} x seeds({row['seeds']})" if axes else f"seeds({row['seeds']})"
+        progress = ", ".join(f"{n} {status}" for status, n in sorted(row["statuses"].items())) or row["status"]
+        phases = ", ".join(f"{n} {phase}" for phase, n in row["phases"].items()) or "-"
+        table.append([row["name"], str(row["experiment"] or "-"), axes or "-", str(row["members"]), progress, phases])
+    widths = [max(len(col), *(len(r[i]) for r in table)) for i, col in enumerate(columns)]
+    print("  ".join(col.ljust(w) for col, w in zip(columns, widths)).rstrip())
+    for r in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
     return 0
 
 
@@ -106,15 +125,19 @@ def cmd_runs(args: argparse.Namespace) -> int:
     import json
 
     from lab.run import list_runs
+    from lab.storage import default_runs_dir
 
+    folder = Path(args.runs_dir or default_runs_dir())
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--runs-dir {folder} is a file, not a folder of runs")
     rows = list_runs(args.runs_dir)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     if not rows:
-        print(f"no runs in {args.runs_dir or os.environ.get('LAB_RUNS_DIR') or 'runs'}; start one with: lab train modadd_quick")
+        print(f"no runs in {args.runs_dir or default_runs_dir()}; start one with: lab train modadd_quick")
         return 0
-    columns = ["name", "task", "status", "step", "memorize_step", "grok_step", "test_acc"]
+    columns = ["name", "task", "arch", "params", "status", "step", "memorize_step", "grok_step", "test_acc"]
     table = [[_cell(row, col) for col in columns] for row in rows]
     widths = [max(len(col), *(len(r[i]) for r in table)) for i, col in enumerate(columns)]
     print("  ".join(col.ljust(w) for col, w in zip(columns, widths)))
@@ -125,6 +148,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 def _cell(row: dict, col: str) -> str:
     value = row.get(col)
+    if col == "params":  # parameter count, from summary.json
+        value = row.get("n_params")
     if col == "step" and row.get("steps") is not None:
         return f"{value}/{row['steps']}"
     if isinstance(value, float):
@@ -136,12 +161,22 @@ def _cell(row: dict, col: str) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Train the quick experiments, then open the dashboard on them."""
+    """Train the quick experiments, analyse what the dashboard's pages show, then open the dashboard on them."""
+    from lab.analysis.heads import precompute_heads
+    from lab.analysis.progress import progress_measures
+    from lab.run import load_run
+
     for experiment in ("modadd_quick", "a_and_b"):
-        code = cmd_train(argparse.Namespace(experiment=experiment, overrides=[], name=None, runs_dir=args.runs_dir,
-                                            resume=None, quiet=False))
+        train_args = argparse.Namespace(experiment=experiment, overrides=[], name=None, runs_dir=args.runs_dir,
+                                        resume=None, quiet=False)
+        code = cmd_train(train_args)
         if code:
             return code
+        # The Progress measures and Heads pages then answer from the run folder's cache, not by computing.
+        run = load_run(train_args.run_dir)
+        if run.task.name == "modular":
+            progress_measures(run, progress=True)
+        precompute_heads(run, progress=True)
     if args.no_dashboard:
         print(f"done; browse the runs with: lab dashboard{' --runs-dir ' + args.runs_dir if args.runs_dir else ''}")
         return 0
@@ -215,16 +250,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_train)
 
-    p = sub.add_parser("sweep", help="train one run per point of a grid of config values",
-                       description="Train every combination of the --grid values, one run each, in turn.")
+    p = sub.add_parser("sweep", help="train a grid of runs (axes x seeds) as one sweep, vectorised",
+                       description="Train every point of the experiment's [sweep] table and the --grid axes, times "
+                                   "--seeds model seeds, into runs/NAME/ (sweep.json and one run folder per member). "
+                                   "Same-shape members train together as one stacked ensemble. Rerunning the same "
+                                   "command continues the sweep; Ctrl-C checkpoints every member.")
     p.add_argument("experiment", help="a TOML path, or a name in experiments/")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
-                   help="values to sweep, e.g. --grid train.weight_decay=0.1,0.3,1.0")
+                   help="an axis (adds to or replaces the [sweep] table's), e.g. --grid train.weight_decay=0.3,1,3")
+    p.add_argument("--seeds", type=int, metavar="N", help="repeat every point with model.seed = 0..N-1 (replaces [sweep] seeds)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="fixed overrides")
-    p.add_argument("--name", help="prefix of the run names (default: the experiment's name)")
+    p.add_argument("--name", help="sweep folder name (default: EXPERIMENT-sweep)")
     _add_runs_dir(p)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--backend", choices=["local", "ray"], default="local",
+                   help="local: this process (default); ray: Ray tasks (pip install -e '.[ray]')")
+    p.add_argument("--address", metavar="ADDR", help="with --backend ray: an existing cluster, 'auto' or HOST:PORT "
+                                                      "(default: start a Ray instance on this machine)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=cmd_sweep)
+
+    p = sub.add_parser("sweeps", help="list sweeps with their progress",
+                       description="List the sweeps in the runs folder: axes, members per status, phases.")
+    _add_runs_dir(p)
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.set_defaults(handler=cmd_sweeps)
 
     p = sub.add_parser("runs", help="list runs", description="List the runs in the runs folder, newest first.")
     _add_runs_dir(p)
@@ -251,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runs_dir(p)
     p.add_argument("--port", type=int, default=8501)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--headless", action="store_true", help="do not open a browser")
+    p.add_argument("--headless", action="store_true", help=argparse.SUPPRESS)  # always headless now; kept for old scripts
     p.set_defaults(handler=cmd_dashboard)
 
     p = sub.add_parser("bench", help="measure training speed, steps to grok per recipe, and memory",
@@ -274,16 +323,28 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
-        return args.handler(args) or 0
+        code = args.handler(args) or 0
+        if code == EXIT_INTERRUPTED:  # stopped by Ctrl-C: another one while we exit must not kill us by signal
+            import signal
+
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return code
     except KeyboardInterrupt:
+        # A further Ctrl-C while we exit must not kill the process by signal: exit 130, as promised.
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         print("lab: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as err:  # only the user-fixable kinds are printed as one line; the rest keep their traceback
-        from lab.config import ConfigError
-        from lab.runs import RunError
+        from lab.errors import LabError
 
-        if isinstance(err, (UserError, ConfigError, RunError, FileNotFoundError)) or type(err) is ValueError:
-            print(f"lab: error: {err}", file=sys.stderr)
+        if isinstance(err, (UserError, LabError)) or type(err) is ValueError:
+            print(f"lab: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+            return EXIT_USAGE
+        if isinstance(err, OSError):  # filesystem trouble the lab did not foresee: still one line naming the file
+            where = f"{err.filename}: " if err.filename else ""
+            print(f"lab: error: {where}{err.strerror or err}", file=sys.stderr)
             return EXIT_USAGE
         raise
 

@@ -6,7 +6,8 @@ An experiment is three sections, validated by pydantic:
     [model]  n_layers = 1, d_model = 128, n_heads = 4, d_head = 32, d_mlp = 512, ...
     [train]  steps = 40000, lr = 1e-3, weight_decay = 1.0, betas = [0.9, 0.98], ...
 
-The `[task]` table is validated by the config class the named task registers (see `lab.tasks`).
+The `[task]` table is validated by the config class the named task registers (see `lab.tasks`,
+which sits below this module: tasks know nothing of experiments).
 `resolve()` fills in what the task decides (vocabulary sizes, context length, causal or
 bidirectional attention), so the config saved in a run folder says everything about the run.
 
@@ -21,28 +22,30 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
+from pydantic import BaseModel, Field, SerializeAsAny, ValidationError, field_validator
+
+from lab.errors import ConfigError
+from lab.schema import StrictModel
+from lab.tasks import TaskConfig, make_task, task_class
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 
 
-class ConfigError(ValueError):
-    """A config value, key, or file is wrong; the message is one line saying what and what is valid."""
-
-
-class StrictModel(BaseModel):
-    # Unknown keys are errors, not silently ignored: a typo in `weight_decay` must not train a different model.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class TaskConfig(StrictModel):
-    """Base of every task's config; each task subclasses it with its own fields (see `lab.tasks`)."""
-
-    name: str
-    data_seed: int = Field(0, description="seed of the train/test split and of generated data")
-
-
 class ModelConfig(StrictModel):
+    # Which model (lab/architectures.py): the transformer of lab/model.py, or one rung below it on the
+    # ladder perceptron -> MLP -> CNN -> transformer. d_model is every architecture's embedding width;
+    # each keeps its own width fields, so one TOML holds them all and a sweep over `arch` alone
+    # compares matched budgets.
+    arch: Literal["transformer", "mlp", "cnn", "linear"] = Field("transformer", description="model architecture")
+    mlp_width: int = Field(256, ge=1, description="arch mlp: units per hidden layer")
+    mlp_layers: int = Field(1, ge=1, description="arch mlp: hidden layers")
+    mlp_input: Literal["auto", "concat", "mean"] = Field(
+        "auto", description="arch mlp: embeddings concatenated (auto for fixed-length tasks) or averaged (auto with padding)")
+    cnn_channels: int = Field(64, ge=1, description="arch cnn: channels of every convolution")
+    cnn_kernel: int = Field(3, ge=1, description="arch cnn: kernel width, in characters")
+    cnn_layers: int = Field(2, ge=1, description="arch cnn: convolution layers")
+    linear_width: int = Field(0, ge=0, description="arch linear: 0 = a plain perceptron; N = the same linear function "
+                                                   "factorised through N units without activation (to match a budget)")
     n_layers: int = Field(1, ge=1)
     d_model: int = Field(128, ge=1)
     n_heads: int = Field(4, ge=1)
@@ -53,12 +56,21 @@ class ModelConfig(StrictModel):
     normalization: Literal["none", "LN"] = Field("none", description="LayerNorm before attention, MLP and unembed")
     positional: Literal["learned", "none"] = Field("learned", description="'none' lets a model run on any length")
     seed: int = Field(0, description="seed of the weight initialisation")
+    init_scale: float = Field(1.0, gt=0, description="transformer: every weight matrix starts at this times the standard "
+                                                     "init (Omnigrok's alpha, Liu et al. 2022b); 1.0 is the standard init")
     # Decided by the task; filled in by `ExperimentConfig.resolve()`.
     d_vocab: int | None = None
     d_vocab_out: int | None = None
     n_ctx: int | None = None
     causal: bool | None = None
     pad_token_id: int | None = None
+
+    @field_validator("init_scale")
+    @classmethod
+    def _init_scale_is_for_the_transformer(cls, init_scale: float, info) -> float:
+        if init_scale != 1.0 and info.data.get("arch", "transformer") != "transformer":
+            raise ValueError(f"init_scale is applied by the transformer only (arch = 'transformer'), not arch = {info.data['arch']!r}; leave it at 1.0")
+        return init_scale
 
 
 class GradFilterConfig(StrictModel):
@@ -111,14 +123,10 @@ class ExperimentConfig(StrictModel):
             return value
         if not isinstance(value, dict) or "name" not in value:
             raise ValueError("the [task] table needs a name")
-        from lab.tasks import task_class  # late: tasks import this module
-
         return task_class(value["name"]).Config.model_validate(value)
 
     def resolve(self) -> "ExperimentConfig":
         """Return a copy with the task-decided model fields filled in (and checked)."""
-        from lab.tasks import make_task
-
         task = make_task(self.task)
         decided = {
             "d_vocab": task.d_vocab,
@@ -177,16 +185,80 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+MAX_EXPERIMENT_BYTES = 1 << 20  # an experiment file is a few hundred bytes
+
+
+def read_toml(path: Path) -> dict:
+    """An experiment file as a dict; too large, not UTF-8 or not TOML is one ConfigError line naming the file."""
+    from lab.errors import LabError
+    from lab.storage import read_text
+
+    try:
+        return tomllib.loads(read_text(path, limit=MAX_EXPERIMENT_BYTES))
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML ({err})") from None
+    except LabError as err:  # missing, a folder, too large, not UTF-8
+        raise ConfigError(str(err)) from None
+
+
 def load_experiment(experiment: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     """Load, override and validate an experiment; raises `ConfigError` with one clear line."""
     path = experiment_path(experiment)
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: not valid TOML ({err})") from None
+    data = read_toml(path)
     data.setdefault("name", path.stem)
+    data.pop("sweep", None)  # the [sweep] table is for `lab sweep` (see `load_sweep_table`); `lab train` trains the base point
     apply_overrides(data, overrides or [])
     return validate_experiment(data, source=str(path))
+
+
+def load_experiment_data(experiment: str | Path, overrides: list[str] | None = None) -> tuple[dict, dict, Path]:
+    """(the experiment as a dict with `overrides` applied and no [sweep] table, its [sweep] table ({} if none), its path).
+
+    For sweeps, which build one config per point from the dict; `load_experiment` is the usual way in."""
+    path = experiment_path(experiment)
+    data = read_toml(path)
+    data.setdefault("name", path.stem)
+    table = data.pop("sweep", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: 'sweep' must be a table ([sweep]), got {table!r}")
+    apply_overrides(data, overrides or [])
+    return data, table, path
+
+
+def load_sweep_table(experiment: str | Path) -> dict:
+    """The experiment's [sweep] table ({} if it has none), its keys checked: `seeds` a positive integer,
+    every other key a dotted config key (checked against the experiment) mapped to a non-empty list."""
+    data, table, path = load_experiment_data(experiment)
+    for key, value in table.items():
+        if key == "seeds":
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{path}: [sweep] seeds = {value!r}: must be a positive integer (model.seed = 0..seeds-1)")
+            continue
+        check_config_key(key, data, where=f"{path}: [sweep]")
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f"{path}: [sweep] {key!r} = {value!r}: an axis needs a non-empty list of values, e.g. [0.3, 1.0]")
+    return table
+
+
+def check_config_key(key: str, data: dict, where: str = "config") -> None:
+    """Raise one ConfigError line unless `key` (e.g. "train.weight_decay") names a value of the experiment's config."""
+    parts = key.split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"{where} key {key!r} is not a dotted config key such as train.weight_decay or task.train_frac")
+    model: type[BaseModel] | None = ExperimentConfig
+    for depth, part in enumerate(parts):
+        if model is None:
+            raise ConfigError(f"{where} key {key!r}: {'.'.join(parts[:depth])!r} is a value, not a section")
+        valid = _valid_keys(parts[:depth], data)
+        if part not in valid:
+            close = difflib.get_close_matches(part, valid, n=1)
+            hint = f"; did you mean {'.'.join([*parts[:depth], close[0]])!r}?" if close else ""
+            raise ConfigError(f"{where} unknown key {key!r}{hint} (valid keys in {'.'.join(parts[:depth]) or 'the top level'}: {', '.join(valid)})")
+        if depth == 0 and part == "task":
+            model = TaskConfig  # any BaseModel: _valid_keys looks up the task's own class
+            continue
+        annotation = model.model_fields[part].annotation if model is not TaskConfig else None
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
 
 def validate_experiment(data: dict, source: str = "config") -> ExperimentConfig:
@@ -216,8 +288,6 @@ def _valid_keys(section: list[str], data: dict) -> list[str]:
     model: type[BaseModel] = ExperimentConfig
     for part in section:
         if part == "task":
-            from lab.tasks import task_class
-
             try:
                 model = task_class(data.get("task", {}).get("name", "")).Config
             except ConfigError:
@@ -226,3 +296,12 @@ def _valid_keys(section: list[str], data: dict) -> list[str]:
         annotation = model.model_fields[part].annotation
         model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else model
     return sorted(model.model_fields)
+
+
+def is_config_of(saved: dict, config: ExperimentConfig) -> bool:
+    """Does a run folder's saved config.json describe exactly `config`? Compared as validated configs, so
+    a field added to the lab since the folder was written (at its default) does not count as a difference."""
+    try:
+        return ExperimentConfig.model_validate(saved) == config
+    except (ValidationError, ValueError):
+        return False

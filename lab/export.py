@@ -1,12 +1,15 @@
 """Export a lab model to a TransformerLens 4.x `TransformerBridge`, so the whole TransformerLens
 toolbox (`cache.decompose_resid`, `cache.logit_attrs`, `cache.stack_head_results`, ...) applies.
 
-    bridge = run.model().to_transformer_lens()
+    bridge = lab.to_transformer_lens(run.model())
     logits, cache = bridge.run_with_cache(tokens)                  # modular: causal, no padding
     logits = bridge(tokens, attention_mask=(tokens != 0).long())   # a_and_b: pass the padding mask
 
 The bridge is built with `TransformerBridge.boot_native` and carries the same weights (converted
-by TransformerLens's own `convert_tl_checkpoint`), so its logits equal the lab model's.
+by TransformerLens's own `convert_tl_checkpoint`), so its logits equal the lab model's. It is for
+analysis: its parameters do not require gradients, so `run_with_cache`, `decompose_resid` and
+`logit_attrs` build no autograd graph (no `grad_fn`, no memory held for a backward pass). For
+gradient-based methods (attribution patching) or training, export with `requires_grad=True`.
 
 What the bridge cannot represent, and how this export handles it:
 - `positional = "none"`: the bridge always adds a learned positional embedding; it gets an all-zero
@@ -25,6 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from lab.errors import LabError
+
 SUPPORTED = {
     "act_fn": ("relu", "gelu"),
     "normalization": ("none", "LN"),
@@ -35,7 +40,7 @@ KNOWN_FIELDS = {"n_layers", "d_model", "n_heads", "d_head", "d_mlp", "act_fn", "
 TOP_LEVEL = {"W_E": "embed.W_E", "W_pos": "pos_embed.W_pos", "W_U": "unembed.W_U", "b_U": "unembed.b_U"}
 
 
-class ExportError(ValueError):
+class ExportError(LabError):
     """The model has a setting a TransformerLens bridge cannot represent; the message names it."""
 
 
@@ -66,12 +71,20 @@ def bridge_config(model):
     )
 
 
-def to_transformer_lens(model):
+def to_transformer_lens(model, requires_grad: bool = False):
     """A TransformerLens `TransformerBridge` (built with `boot_native`, on CPU, eval mode) with this
-    model's weights. Raises ExportError for settings the bridge cannot represent (see the module docs)."""
+    model's weights, parameters frozen unless `requires_grad`. Raises ExportError for settings the
+    bridge cannot represent (see the module docs).
+
+    Tasks with padding (a_and_b) must pass `attention_mask=(tokens != pad).long()` to the bridge;
+    `positional = "none"` becomes a zero positional embedding, so the bridge refuses inputs longer than n_ctx."""
     from transformer_lens import TransformerBridge
     from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_checkpoint
 
+    arch = getattr(model.cfg, "arch", "transformer")
+    if arch != "transformer":
+        raise ExportError(f"cannot export to TransformerLens: it is not available for arch {arch!r}, which has no "
+                          "attention blocks to map onto a TransformerBridge")
     _check_supported(model)
     config = bridge_config(model)
     state = {TOP_LEVEL.get(key, key): value.detach().to("cpu", torch.float32) for key, value in model.state_dict().items()}
@@ -83,4 +96,4 @@ def to_transformer_lens(model):
     if result.missing_keys or result.unexpected_keys:
         raise ExportError(f"cannot export to TransformerLens: weights do not map onto the bridge "
                           f"(missing {list(result.missing_keys)[:3]}, unexpected {list(result.unexpected_keys)[:3]})")
-    return bridge.eval()
+    return bridge.requires_grad_(requires_grad).eval()

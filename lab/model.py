@@ -1,8 +1,7 @@
 """A small transformer, from scratch, with TransformerLens hook points.
 
-Read top to bottom: attention (one formula), multi-head attention, the MLP, a block, the whole
-transformer. Every intermediate activation passes through a `HookPoint` named as in
-TransformerLens (`hook_embed`, `blocks.0.attn.hook_pattern`, `blocks.0.mlp.hook_post`, ...), so
+Read top to bottom: LayerNorm, attention, the MLP, a block, the whole transformer. Every
+intermediate activation passes through a `HookPoint` named as in TransformerLens (`hook_embed`, `blocks.0.attn.hook_pattern`, `blocks.0.mlp.hook_post`, ...), so
 
     logits, cache = model.run_with_cache(tokens)
     cache["pattern", 0]          # (batch, head, query, key)
@@ -12,6 +11,9 @@ Weights carry TransformerLens names too: `W_E`, `W_pos`, `blocks[l].attn.W_Q/W_K
 `blocks[l].mlp.W_in/W_out`, `W_U`.
 
 Shapes use: batch, pos (= query or key), d_model, head, d_head, d_mlp, vocab.
+
+Training reads the logits of one position only: `Transformer.forward_at` computes just those, with
+these modules' weights and the same result, in lab/fast_forward.py beside this file.
 """
 
 from __future__ import annotations
@@ -25,7 +27,12 @@ from torch import nn
 from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
+from lab import fast_forward
 from lab.config import ModelConfig
+
+
+# --- 0. LayerNorm --------------------------------------------------------------------------------
+# Optional (cfg.normalization = "LN"); the Nanda et al. model has none.
 
 
 class LayerNorm(nn.Module):
@@ -40,6 +47,7 @@ class LayerNorm(nn.Module):
         self.hook_normalized = HookPoint()  # (batch, pos, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (..., d_model), normalised over its last dimension
         x = x - x.mean(-1, keepdim=True)
         scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
         return self.hook_normalized(x / scale) * self.w + self.b
@@ -91,9 +99,9 @@ class Attention(nn.Module):
         """True where a query may not look: future keys (causal) and padding keys. (batch|1, 1, query, key)"""
         mask = torch.zeros(1, 1, n_pos, n_pos, dtype=torch.bool, device=device)
         if self.causal:
-            mask = torch.ones(n_pos, n_pos, dtype=torch.bool, device=device).triu(1)[None, None]
+            mask = torch.ones(n_pos, n_pos, dtype=torch.bool, device=device).triu(1)[None, None]  # (1, 1, query, key)
         if key_padding is not None:
-            mask = mask | key_padding[:, None, None, :]
+            mask = mask | key_padding[:, None, None, :]  # (batch, key) -> (batch, 1, 1, key)
         return mask
 
 
@@ -114,9 +122,11 @@ class MLP(nn.Module):
         self.hook_post = HookPoint()  # (batch, pos, d_mlp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre = self.hook_pre(einsum(x, self.W_in, "batch pos d_model, d_model d_mlp -> batch pos d_mlp") + self.b_in)
-        post = self.hook_post(self.act_fn(pre))
-        return einsum(post, self.W_out, "batch pos d_mlp, d_mlp d_model -> batch pos d_model") + self.b_out
+        # x: (batch, pos, d_model); the fast path calls this too, with pos = 1. F.linear is the matmul
+        # and the bias add as one op, so both paths round alike.
+        pre = self.hook_pre(F.linear(x, self.W_in.T, self.b_in))  # x @ W_in + b_in: (batch, pos, d_mlp)
+        post = self.hook_post(self.act_fn(pre))  # (batch, pos, d_mlp)
+        return F.linear(post, self.W_out.T, self.b_out)  # post @ W_out + b_out: (batch, pos, d_model)
 
 
 # --- 3. Block ------------------------------------------------------------------------------------
@@ -146,51 +156,6 @@ class TransformerBlock(nn.Module):
         return self.hook_resid_post(resid)
 
 
-def _qkv_at(attn: Attention, x: torch.Tensor, pos: int, n_keys: int) -> tuple[torch.Tensor, ...]:
-    """Keys and values at positions < n_keys (batch, key, head, d_head), the query at `pos` (batch, 1, head, d_head)."""
-    n_heads, d_model, d_head = attn.W_Q.shape
-    batch = x.shape[0]
-    keys = x[:, :n_keys].reshape(batch * n_keys, d_model)
-    W_KV = torch.cat([attn.W_K, attn.W_V]).permute(1, 0, 2).reshape(d_model, 2 * n_heads * d_head)
-    kv = torch.addmm(torch.cat([attn.b_K, attn.b_V]).reshape(-1), keys, W_KV).view(batch, n_keys, 2, n_heads, d_head)
-    W_Q = attn.W_Q.permute(1, 0, 2).reshape(d_model, n_heads * d_head)
-    q = torch.addmm(attn.b_Q.reshape(-1), x[:, pos], W_Q).view(batch, 1, n_heads, d_head)
-    k, v = kv.unbind(2)  # unbind's backward is one stack, not two zero-filled copies
-    return k, v, q
-
-
-def _qkv_at_from_tokens(attn: Attention, W_E: torch.Tensor, W_pos: torch.Tensor | None, tokens: torch.Tensor,
-                        pos: int, n_keys: int) -> tuple[torch.Tensor, ...]:
-    """`_qkv_at` for a first layer without LayerNorm, whose input is W_E[token] + W_pos[position]:
-    (W_E[t] + W_pos[i]) W = (W_E W)[t] + (W_pos W)[i], so Q, K and V are looked up in per-token
-    and per-position tables (vocab + n_ctx rows) instead of multiplied out for every batch row."""
-    n_heads, d_model, d_head = attn.W_Q.shape
-    batch, he = tokens.shape[0], n_heads * d_head
-    W_QKV = torch.cat([attn.W_Q, attn.W_K, attn.W_V]).permute(1, 0, 2).reshape(d_model, 3 * he)
-    b_QKV = torch.cat([attn.b_Q, attn.b_K, attn.b_V]).reshape(-1)
-    token_table = torch.addmm(b_QKV, W_E, W_QKV)  # (vocab, 3 * he)
-    q = F.embedding(tokens[:, pos], token_table[:, :he])  # (batch, he)
-    kv = F.embedding(tokens[:, :n_keys], token_table[:, he:])  # (batch, key, 2 * he)
-    if W_pos is not None:
-        pos_table = W_pos[:n_keys] @ W_QKV  # (key, 3 * he)
-        q = q + pos_table[pos, :he]
-        kv = kv + pos_table[:, he:]
-    k, v = kv.view(batch, n_keys, 2, n_heads, d_head).unbind(2)
-    return k, v, q.view(batch, 1, n_heads, d_head)
-
-
-def _attend_at(attn: Attention, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, key_padding: torch.Tensor | None) -> torch.Tensor:
-    """One query per row attends over its keys; returns the attention output (batch, d_model)."""
-    n_heads, d_head, d_model = attn.W_O.shape
-    batch, n_keys = k.shape[:2]
-    scores = (k * q).sum(-1) / math.sqrt(d_head)  # (batch, key, head)
-    if key_padding is not None:
-        scores = scores.masked_fill(key_padding[:, :n_keys, None], float("-inf"))
-    pattern = scores.softmax(dim=1)
-    z = (pattern[..., None] * v).sum(1)  # (batch, head, d_head)
-    return torch.addmm(attn.b_O, z.reshape(batch, n_heads * d_head), attn.W_O.reshape(n_heads * d_head, d_model))
-
-
 # --- 4. Transformer ------------------------------------------------------------------------------
 # Embed tokens (plus positions, if learned), run the blocks, unembed into output logits.
 
@@ -214,13 +179,30 @@ class Transformer(HookedRootModule):
         self.setup()  # TransformerLens: names every HookPoint after its module path
 
     def init_weights(self, seed: int) -> None:
-        """TransformerLens's GPT-2 init: every weight matrix ~ N(0, (0.8 / sqrt(d_model))^2), biases 0."""
+        """TransformerLens's GPT-2 init: every weight matrix ~ N(0, (0.8 / sqrt(d_model))^2), biases 0,
+        times `cfg.init_scale` (Omnigrok's alpha: the weight norm grokking starts from; LayerNorm gains stay 1)."""
         generator = torch.Generator().manual_seed(seed)
-        std = 0.8 / math.sqrt(self.cfg.d_model)
+        std = 0.8 / math.sqrt(self.cfg.d_model) * self.cfg.init_scale  # * 1.0 is exact: the default init is unchanged
         with torch.no_grad():
             for name, param in self.named_parameters():
                 if name.rsplit(".", 1)[-1].startswith("W_"):
                     param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+    def prepare_input(self, tokens: torch.Tensor, key_padding: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The checks and defaults of every forward pass (`forward` and the fast path share them):
+        one sequence (pos,) becomes a batch of one; learned positions limit the length to n_ctx; keys
+        holding `cfg.pad_token_id` are padding unless `key_padding` is given. Returns tokens (batch, pos)
+        and key_padding (batch, pos; True = padding) or None when nothing is padded."""
+        if tokens.ndim == 1:
+            tokens = tokens[None]  # (pos,) -> (1, pos)
+        n_pos = tokens.shape[1]
+        if self.W_pos is not None and n_pos > self.cfg.n_ctx:
+            raise ValueError(f"input of {n_pos} positions is longer than this model's n_ctx of {self.cfg.n_ctx}")
+        if key_padding is None and self.cfg.pad_token_id is not None:
+            key_padding = tokens == self.cfg.pad_token_id
+            key_padding = key_padding if key_padding.any() else None
+        return tokens, key_padding
 
     def forward(self, tokens: torch.Tensor, key_padding: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (batch, pos) -> logits (batch, pos, d_vocab_out).
@@ -228,73 +210,20 @@ class Transformer(HookedRootModule):
         Padding keys (tokens equal to `cfg.pad_token_id`) get zero attention, unless
         `key_padding` (batch, pos; True = padding) is given explicitly.
         """
-        if tokens.ndim == 1:
-            tokens = tokens[None]
-        n_pos = tokens.shape[1]
-        if self.W_pos is not None and n_pos > self.cfg.n_ctx:
-            raise ValueError(f"input of {n_pos} positions is longer than this model's n_ctx of {self.cfg.n_ctx}")
-        if key_padding is None and self.cfg.pad_token_id is not None:
-            key_padding = tokens == self.cfg.pad_token_id
-            key_padding = key_padding if key_padding.any() else None
-
+        tokens, key_padding = self.prepare_input(tokens, key_padding)
         resid = self.hook_embed(self.W_E[tokens])  # (batch, pos, d_model)
         if self.W_pos is not None:
-            resid = resid + self.hook_pos_embed(self.W_pos[:n_pos].expand_as(resid))
+            # W_pos[:pos] (pos, d_model) -> (batch, pos, d_model)
+            resid = resid + self.hook_pos_embed(self.W_pos[: tokens.shape[1]].expand_as(resid))
         for block in self.blocks:
             resid = block(resid, key_padding)
         return einsum(self.ln_final(resid), self.W_U, "batch pos d_model, d_model vocab -> batch pos vocab") + self.b_U
 
-    # --- fast path: logits at one position only --------------------------------------------------
-    # Training reads the logits of one position (the `=` of a + b, or a CLS token). In the last
-    # block only that position's query, attention output, MLP and unembedding reach the loss, so
-    # computing them for every position wastes work (2.3x the FLOPs on the Nanda et al. setup).
-    # `forward_at` does the same arithmetic as `forward` restricted to that position, with 2-D
-    # matmuls and K and V fused into one; it skips the (identity) hook points, so it falls back to
-    # `forward` whenever a hook is attached.
-
-    def hooks_attached(self) -> bool:
-        """True if any HookPoint has a hook (as during `run_with_hooks` or `run_with_cache`)."""
-        return any(hp._forward_hooks or hp._forward_pre_hooks or hp._backward_hooks for hp in self.hook_dict.values())
-
     def forward_at(self, tokens: torch.Tensor, position: int, key_padding: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (batch, pos) -> logits (batch, d_vocab_out) at `position`: `forward(tokens)[:, position]`
-        up to float rounding, gradients included, at a fraction of the cost."""
-        if tokens.ndim == 1:
-            tokens = tokens[None]
-        if self.hooks_attached():
-            return self.forward(tokens, key_padding)[:, position]
-        n_pos = tokens.shape[1]
-        if not -n_pos <= position < n_pos:
-            raise IndexError(f"position {position} is outside an input of {n_pos} positions")
-        pos = position % n_pos
-        if self.W_pos is not None and n_pos > self.cfg.n_ctx:
-            raise ValueError(f"input of {n_pos} positions is longer than this model's n_ctx of {self.cfg.n_ctx}")
-        if key_padding is None and self.cfg.pad_token_id is not None:
-            key_padding = tokens == self.cfg.pad_token_id
-            key_padding = key_padding if key_padding.any() else None
-
-        block = self.blocks[-1]
-        n_keys = pos + 1 if block.attn.causal else n_pos  # a causal query never sees later keys
-        if len(self.blocks) == 1 and isinstance(block.ln1, nn.Identity):
-            # one layer, no LayerNorm: attention reads embeddings straight from per-token tables
-            k, v, q = _qkv_at_from_tokens(block.attn, self.W_E, self.W_pos, tokens, pos, n_keys)
-            resid_at = F.embedding(tokens[:, pos], self.W_E)  # (batch, d_model)
-            if self.W_pos is not None:
-                resid_at = resid_at + self.W_pos[pos]
-        else:
-            resid = F.embedding(tokens, self.W_E)  # (batch, pos, d_model)
-            if self.W_pos is not None:
-                resid = resid + self.W_pos[:n_pos]
-            for earlier in self.blocks[:-1]:
-                resid = earlier(resid, key_padding)
-            k, v, q = _qkv_at(block.attn, block.ln1(resid), pos, n_keys)
-            resid_at = resid[:, pos]
-        resid_at = resid_at + _attend_at(block.attn, k, v, q, key_padding)  # (batch, d_model)
-        if block.mlp is not None:
-            mlp, x = block.mlp, block.ln2(resid_at)
-            post = mlp.act_fn(torch.addmm(mlp.b_in, x, mlp.W_in))
-            resid_at = resid_at + torch.addmm(mlp.b_out, post, mlp.W_out)
-        return torch.addmm(self.b_U, self.ln_final(resid_at), self.W_U)
+        up to float rounding, gradients included, computing only what that position needs
+        (lab/fast_forward.py). Falls back to `forward` while a hook is attached."""
+        return fast_forward.forward_at(self, tokens, position, key_padding)
 
     def run_with_cache(self, *args, **kwargs) -> tuple[torch.Tensor, ActivationCache]:
         """Like TransformerLens: `logits, cache = model.run_with_cache(tokens)`; `cache["pattern", 0]`."""
@@ -304,15 +233,3 @@ class Transformer(HookedRootModule):
     @property
     def device(self) -> torch.device:
         return self.W_E.device
-
-    def to_transformer_lens(self):
-        """This model as a TransformerLens 4.x `TransformerBridge` (built with `boot_native`) with the same
-        weights, for `decompose_resid`, `logit_attrs`, `stack_head_results` and the rest of that toolbox.
-
-        Tasks with padding (a_and_b) must pass `attention_mask=(tokens != pad).long()` to the bridge.
-        `positional = "none"` becomes a zero positional embedding, so the bridge refuses inputs longer
-        than n_ctx. A setting the bridge cannot represent raises `lab.export.ExportError` (see lab/export.py).
-        """
-        from lab.export import to_transformer_lens
-
-        return to_transformer_lens(self)

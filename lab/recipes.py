@@ -4,11 +4,10 @@
   arXiv:2405.20233): low-pass filter the gradient over steps and add the slow part back,
   amplified, before the optimiser step. EMA: mu <- alpha*mu + (1-alpha)*g; g <- g + lamb*mu.
   MA: g <- g + lamb * mean(last `window` gradients).
-- StableMax and ⊥Grad (Prieto et al. 2025, "Grokking at the edge of numerical stability",
-  arXiv:2501.04697): StableMax replaces exp by s(x) = x+1 (x >= 0), 1/(1-x) (x < 0) so that the
-  softmax cannot saturate into Softmax Collapse; ⊥Grad removes from each parameter's gradient its
-  component along the parameter (the direction that only scales the logits up) and rescales the
-  result to the original gradient norm.
+- ⊥Grad (Prieto et al. 2025, "Grokking at the edge of numerical stability", arXiv:2501.04697):
+  removes from each parameter's gradient its component along the parameter (the direction that
+  only scales the logits up) and rescales the result to the original gradient norm. Its companion,
+  the StableMax loss, is in `lab.losses`.
 
 Each is a pure function of tensors or a small object with explicit state, so a test can check it
 against its definition and a resumed run can save and restore that state.
@@ -17,36 +16,8 @@ against its definition and a resumed run can save and restore that state.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from lab.config import GradFilterConfig
-
-
-def _s(logits: torch.Tensor) -> torch.Tensor:
-    """StableMax's replacement for exp: x + 1 for x >= 0, 1 / (1 - x) for x < 0."""
-    return torch.where(logits >= 0, logits + 1, 1 / (1 - logits.clamp(max=0)))
-
-
-def stablemax(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """StableMax probabilities: s(x) / sum s(x)."""
-    s = _s(logits)
-    return s / s.sum(dim=dim, keepdim=True)
-
-
-def log_stablemax(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """log of StableMax probabilities, as log s(x) - log sum s(x) (no underflow of tiny probabilities)."""
-    s = _s(logits)
-    return s.log() - s.sum(dim=dim, keepdim=True).log()
-
-
-def task_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str = "softmax", dtype=torch.float32) -> torch.Tensor:
-    """Mean cross-entropy of (batch, vocab) logits against labels, via softmax or StableMax, in `dtype`."""
-    logits = logits.to(dtype)
-    if kind == "softmax":
-        return F.cross_entropy(logits, labels)
-    if kind == "stablemax":
-        return -log_stablemax(logits).gather(-1, labels[:, None]).mean()
-    raise ValueError(f"unknown loss {kind!r}; valid: 'softmax', 'stablemax'")
 
 
 @torch.no_grad()
@@ -173,9 +144,8 @@ RECIPES: dict[str, dict[str, object]] = {
     "grokfast_ema": {"train.grad_filter.kind": "ema", "train.grad_filter.alpha": 0.98, "train.grad_filter.lamb": 2.0},
     # Grokfast MA with the paper's defaults (window 100, lambda 5).
     "grokfast_ma": {"train.grad_filter.kind": "ma", "train.grad_filter.window": 100, "train.grad_filter.lamb": 5.0},
-    # Higher learning rate and weight decay, nothing else: lr * wd 9x the paper's. On the Nanda split
-    # it memorises at step 150 and groks at 750 (measured), where the Grokfast filters at the paper's
-    # lr have not grokked by 1,000.
+    # Higher learning rate and weight decay, nothing else: lr * wd 9x the paper's (`lab bench` and the
+    # README give its steps to grok beside the other recipes').
     "high_lr_wd": {"train.lr": 3e-3, "train.weight_decay": 3.0},
     # Prieto et al. 2025: StableMax cross-entropy and the ⊥Grad update.
     "stablemax_orthograd": {"train.loss": "stablemax", "train.orthograd": True},

@@ -31,13 +31,18 @@ from pathlib import Path
 
 import torch
 
-from lab import runs as store
+from lab import storage
+from lab.batching import batches
 from lab.config import ExperimentConfig
+from lab.errors import RunError
+from lab.limits import check_fits
+from lab.losses import task_loss
+from lab.architectures import build_model, count_params
 from lab.model import Transformer
-from lab.recipes import GradFilter, orthogonalize_gradients, task_loss
+from lab.outcomes import grok_step, memorize_step
+from lab.recipes import GradFilter, orthogonalize_gradients
+from lab.storage import ResumeState
 from lab.tasks import Split, Task, make_task
-
-MEMORIZE_ACC = GROK_ACC = 0.99
 
 
 def resolve_device(name: str) -> torch.device:
@@ -58,15 +63,11 @@ def checkpoint_schedule(steps: int, every: int, n_log: int) -> set[int]:
 
 @torch.no_grad()
 def evaluate(model: Transformer, split: Split, task: Task, config: ExperimentConfig) -> tuple[float, float]:
-    """(mean loss, accuracy) of the model on a split, in chunks to bound memory."""
+    """(mean loss, accuracy) of the model on a split, in chunks to bound memory (see `lab.batching`)."""
     total_loss, correct = 0.0, 0
-    # Attention scores take batch * heads * pos^2 floats: keep a chunk's under ~8M (32 MB).
-    n_pos = split.tokens.shape[1]
-    chunk = max(1, min(8192, 8_000_000 // (config.model.n_heads * n_pos * n_pos)))
     dtype = torch.float64 if config.train.loss_dtype == "float64" else torch.float32
-    for start in range(0, len(split), chunk):
-        tokens = split.tokens[start : start + chunk]
-        labels = split.labels[start : start + chunk]
+    for start, tokens in batches(split.tokens, config.model.n_heads):
+        labels = split.labels[start : start + len(tokens)]
         logits = model.forward_at(tokens, task.read_position)  # (batch, vocab)
         total_loss += task_loss(logits, labels, config.train.loss, dtype).item() * len(labels)
         correct += (logits.argmax(-1) == labels).sum().item()
@@ -100,7 +101,7 @@ class _StopRequest:
 
 
 @contextmanager
-def _catch_stop_signals():
+def catch_stop_signals():
     stop = _StopRequest()
     try:
         previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -111,6 +112,48 @@ def _catch_stop_signals():
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def warmup_lr(tc, step: int) -> float:
+    """Linear warm-up as in Nanda et al.: lr * min(step / warmup_steps, 1)."""
+    return tc.lr * (min(step / tc.warmup_steps, 1.0) if tc.warmup_steps else 1.0)
+
+
+def stop_after_grok_reached(tc, rows: list[dict], step: int) -> bool:
+    """With `stop_after_grok = N`: is `step` an evaluated step at least N steps after the first grokked row?"""
+    if tc.stop_after_grok is None or not rows or rows[-1]["step"] != step:
+        return False
+    grok = grok_step(rows)
+    return grok is not None and step >= grok + tc.stop_after_grok
+
+
+def divergence_hint(tc, diverged_at: int) -> str:
+    return (f"the loss became NaN or infinite by step {diverged_at}: lower train.lr (now {tc.lr:g}), "
+            f"or raise train.warmup_steps (now {tc.warmup_steps})")
+
+
+def run_summary(run_dir: Path, config: ExperimentConfig, status: str, step: int, rows: list[dict], device, n_params: int,
+                diverged_at: int | None, started_at: float) -> dict:
+    """summary.json's contents, for a run trained alone (`Trainer`) or as an ensemble member (lab/ensemble.py)."""
+    final = rows[-1] if rows else {}
+    return {
+        "name": Path(run_dir).name,
+        "experiment": config.name,
+        "task": config.task.name,
+        "status": status,
+        "step": step,
+        "steps": config.train.steps,
+        "memorize_step": memorize_step(rows),
+        "grok_step": grok_step(rows),
+        "wall_time_s": final.get("elapsed_s", 0.0),
+        "final": {k: final[k] for k in ("train_loss", "train_acc", "test_loss", "test_acc", "weight_norm") if k in final},
+        "device": str(device),
+        "arch": config.model.arch,
+        "n_params": n_params,
+        **({"diverged_at": diverged_at, "hint": divergence_hint(config.train, diverged_at)} if diverged_at is not None else {}),
+        "started_at": started_at,
+        "updated_at": time.time(),
+    }
 
 
 class Trainer:
@@ -125,7 +168,12 @@ class Trainer:
         self.task = make_task(self.config.task)
         self.train_split = self._to_device(self.task.split("train"))
         self.test_split = self._to_device(self.task.split("test"))
-        self.model = Transformer(self.config.model).to(self.device)
+        # a model too large for this machine is refused here, with the estimate, before anything is allocated
+        filter_copies = {"none": 0, "ema": 1, "ma": tc.grad_filter.window}[tc.grad_filter.kind]
+        check_fits(self.config.model, lambda: build_model(self.config.model), self.device,
+                   rows=min(len(self.train_split), tc.batch_size or len(self.train_split)),
+                   optimizer_copies=3 + filter_copies, source=f"experiment {self.config.name!r}")
+        self.model = build_model(self.config.model).to(self.device)  # lab/architectures.py: [model] arch
         self.optimizer = make_adamw(self.model.parameters(), tc)
         self.grad_filter = GradFilter(tc.grad_filter, list(self.model.named_parameters())) if tc.grad_filter.kind != "none" else None
         self.loss_dtype = torch.float64 if tc.loss_dtype == "float64" else torch.float32
@@ -133,6 +181,7 @@ class Trainer:
         self.step = 0
         self.elapsed_before = 0.0  # wall time of earlier sessions of a resumed run
         self.rows: list[dict] = []
+        self.diverged_at: int | None = None  # the step whose evaluation found a non-finite loss
 
     def _to_device(self, split: Split) -> Split:
         return Split(split.tokens.to(self.device), split.labels.to(self.device))
@@ -140,9 +189,7 @@ class Trainer:
     # --- one update ---
 
     def lr_at(self, step: int) -> float:
-        """Linear warm-up as in Nanda et al.: lr * min(step / warmup_steps, 1)."""
-        warmup = self.config.train.warmup_steps
-        return self.config.train.lr * (min(step / warmup, 1.0) if warmup else 1.0)
+        return warmup_lr(self.config.train, step)
 
     def batch(self, step: int) -> Split:
         size = self.config.train.batch_size
@@ -197,79 +244,83 @@ class Trainer:
             "elapsed_s": round(self.elapsed_before + time.perf_counter() - started, 3),
         }
         self.rows.append(row)
-        store.append_jsonl(self.run_dir / "metrics.jsonl", row)
+        storage.append_jsonl(self.run_dir / "metrics.jsonl", row)
         return row
 
     def save_checkpoint(self) -> None:
         weights = self.model.state_dict()
-        store.save_tensors(store.checkpoint_path(self.run_dir, self.step), weights, {"step": str(self.step)})
-        resume = {f"model.{k}": v for k, v in weights.items()}
+        storage.save_tensors(storage.checkpoint_path(self.run_dir, self.step), weights, {"step": str(self.step)})
         names = {id(p): n for n, p in self.model.named_parameters()}
-        for param, state in self.optimizer.state.items():
-            for key, value in state.items():
-                resume[f"optim.{names[id(param)]}.{key}"] = torch.as_tensor(value)
-        if self.grad_filter is not None:
-            resume.update({f"filter.{k}": v for k, v in self.grad_filter.state_tensors().items()})
+        optimizer = {names[id(param)]: {key: torch.as_tensor(value) for key, value in state.items()}
+                     for param, state in self.optimizer.state.items()}
+        filter_state = self.grad_filter.state_tensors() if self.grad_filter is not None else {}
         elapsed = self.rows[-1]["elapsed_s"] if self.rows else self.elapsed_before
-        store.save_tensors(self.run_dir / "resume.safetensors", resume, {"step": str(self.step), "elapsed_s": str(elapsed)})
+        storage.save_resume_state(self.run_dir, ResumeState(self.step, elapsed, weights, optimizer, filter_state))
 
     def load_resume_state(self) -> None:
-        tensors, meta = store.load_tensors(self.run_dir / "resume.safetensors")
-        self.step = int(meta["step"])
-        self.elapsed_before = float(meta.get("elapsed_s", 0.0))
-        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        params = dict(self.model.named_parameters())
-        for key, value in tensors.items():
-            if key.startswith("optim."):
-                name, field = key[6:].rsplit(".", 1)
-                self.optimizer.state[params[name]][field] = value.to(self.device) if value.ndim else value
-        if self.grad_filter is not None:
-            self.grad_filter.load_state_tensors({k[7:]: v.to(self.device) for k, v in tensors.items() if k.startswith("filter.")})
+        """Restore weights, optimiser and filter state from resume.safetensors; a run killed before its first
+        checkpoint has none, and restarts from step 0. A file that does not fit the config is one RunError."""
+        path = self.run_dir / storage.RESUME_FILE
+        rows = storage.read_metrics(self.run_dir / "metrics.jsonl")  # checked before anything is changed
+        checkpoints = self.run_dir / "checkpoints"
+        if checkpoints.exists() and not checkpoints.is_dir():
+            raise RunError(f"{checkpoints}: is a file, expected the folder of checkpoints")
+        if path.is_file():
+            state = storage.load_resume_state(self.run_dir)
+            try:
+                self.model.load_state_dict(state.model)
+                params = dict(self.model.named_parameters())
+                for name, fields in state.optimizer.items():
+                    for key, value in fields.items():
+                        if value.ndim and value.shape != params[name].shape:
+                            raise RuntimeError(f"optimizer state {name}/{key} has shape {list(value.shape)}, "
+                                               f"the weight {list(params[name].shape)}")
+                        self.optimizer.state[params[name]][key] = value.to(self.device) if value.ndim else value
+                if self.grad_filter is not None:
+                    self.grad_filter.load_state_tensors({k: v.to(self.device) for k, v in state.grad_filter.items()})
+            except (RuntimeError, KeyError, ValueError) as err:
+                raise RunError(f"{path}: does not fit this run's config.json ({str(err).splitlines()[0]})") from None
+            self.step = state.step
+            self.elapsed_before = state.elapsed_s
         # Keep exactly the rows up to the checkpoint; later ones will be recomputed identically.
-        self.rows = [row for row in store.read_jsonl(self.run_dir / "metrics.jsonl") if row["step"] <= self.step]
-        store.write_jsonl(self.run_dir / "metrics.jsonl", self.rows)
+        self.rows = [row for row in rows if row["step"] <= self.step]
+        storage.write_jsonl(self.run_dir / "metrics.jsonl", self.rows)
         if self.rows and self.rows[-1]["step"] == self.step:
             self.elapsed_before = self.rows[-1]["elapsed_s"]
 
     def write_summary(self, status: str, started_at: float) -> dict:
-        memorize = next((r["step"] for r in self.rows if r["train_acc"] >= MEMORIZE_ACC), None)
-        grok = next((r["step"] for r in self.rows if r["test_acc"] >= GROK_ACC), None)
-        final = self.rows[-1] if self.rows else {}
-        summary = {
-            "name": self.run_dir.name,
-            "experiment": self.config.name,
-            "task": self.task.name,
-            "status": status,
-            "step": self.step,
-            "steps": self.config.train.steps,
-            "memorize_step": memorize,
-            "grok_step": grok,
-            "wall_time_s": final.get("elapsed_s", 0.0),
-            "final": {k: final[k] for k in ("train_loss", "train_acc", "test_loss", "test_acc", "weight_norm") if k in final},
-            "device": str(self.device),
-            "started_at": started_at,
-            "updated_at": time.time(),
-        }
-        store.atomic_write_json(self.run_dir / "summary.json", summary)
+        summary = run_summary(self.run_dir, self.config, status, self.step, self.rows, self.device,
+                              count_params(self.model), self.diverged_at, started_at)
+        storage.atomic_write_json(self.run_dir / "summary.json", summary)
         return summary
 
     # --- the loop ---
 
     def run(self, resume: bool = False) -> dict:
-        """Train to `train.steps` (continuing from resume.safetensors if `resume`) and return the summary."""
+        """Train to `train.steps` (continuing from resume.safetensors if `resume`) and return the summary.
+        Holds the run folder's writer lock throughout: a second writer is refused (`storage.acquire_writer`)."""
+        with storage.run_lock(self.run_dir):
+            return self._run(resume)
+
+    def _run(self, resume: bool) -> dict:
         tc = self.config.train
         if resume:
+            for tmp in [*self.run_dir.glob(".*.tmp"), *self.run_dir.glob("checkpoints/.*.tmp")]:
+                tmp.unlink(missing_ok=True)  # half-written files of a writer that was killed (we hold the lock)
             self.load_resume_state()
-            started_at = store.read_json(self.run_dir / "summary.json").get("started_at", time.time())
+            try:  # a lost or damaged summary.json is rebuilt below; only its start time is kept from it
+                started_at = float(storage.read_json(self.run_dir / "summary.json").get("started_at") or time.time())
+            except (RunError, TypeError, ValueError):
+                started_at = time.time()
         else:
-            store.atomic_write_json(self.run_dir / "config.json", json.loads(self.config.model_dump_json()))
+            storage.atomic_write_json(self.run_dir / "config.json", json.loads(self.config.model_dump_json()))
             started_at = time.time()
         started = time.perf_counter()
         status = "running"
         self.write_summary(status, started_at)
-        bar = _progress_bar(tc.steps, self.step, self.progress)
+        bar = progress_bar(tc.steps, self.step, self.progress)
         try:
-            with _catch_stop_signals() as stop:
+            with catch_stop_signals() as stop:
                 while True:
                     forward = None
                     due_eval = self.step % tc.eval_every == 0 or self.step == tc.steps
@@ -281,13 +332,23 @@ class Trainer:
                             correct = (forward[1].argmax(-1) == self.train_split.labels).sum().item()
                             train = (forward[0].item(), correct / len(self.train_split))
                         row = self.evaluate_row(started, train)
+                        if not (math.isfinite(row["train_loss"]) and math.isfinite(row["test_loss"])):
+                            # diverged: stop before checkpointing NaN weights; the row is stored with nulls
+                            self.diverged_at, status = self.step, "diverged"
+                            break
                         bar.set_postfix(train_acc=f"{row['train_acc']:.3f}", test_acc=f"{row['test_acc']:.3f}", refresh=False)
-                    done = self.step >= tc.steps or self._stop_after_grok_reached()
+                    done = self.step >= tc.steps or stop_after_grok_reached(tc, self.rows, self.step)
                     if self.step in self.schedule or (done and self.step < tc.steps):
                         self.save_checkpoint()
                         self.write_summary(status, started_at)
                     if done:
                         status = "finished"
+                        if self.step < tc.steps:  # stopped early: end the bar full, and say why
+                            last = self.rows[-1]
+                            bar.total = self.step
+                            bar.set_postfix_str(f"train_acc={last['train_acc']:.3f}, test_acc={last['test_acc']:.3f}, stopped: "
+                                                f"grokked at {grok_step(self.rows)} + stop_after_grok {tc.stop_after_grok}",
+                                                refresh=False)
                         break
                     if stop.signal is not None:
                         self.save_checkpoint()
@@ -295,31 +356,32 @@ class Trainer:
                         break
                     self.update(forward)
                     bar.update(1)
-        except BaseException:
-            self.write_summary("failed" if status == "running" else status, started_at)
+        except BaseException as err:
+            # a second Ctrl-C: the last checkpoint stands, and the run resumes from it
+            stopped = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+            self.write_summary(stopped if status == "running" else status, started_at)
             raise
         finally:
             bar.close()
         return self.write_summary(status, started_at)
 
-    def _stop_after_grok_reached(self) -> bool:
-        """With `stop_after_grok = N`: is this an evaluated step at least N steps after the first grokked row?"""
-        wait = self.config.train.stop_after_grok
-        if wait is None or not self.rows or self.rows[-1]["step"] != self.step:
-            return False
-        grok = next((r["step"] for r in self.rows if r["test_acc"] >= GROK_ACC), None)
-        return grok is not None and self.step >= grok + wait
-
     @classmethod
     def resume(cls, run_dir: Path, progress: bool = True) -> "Trainer":
+        """The trainer of an existing run folder, from its config.json. A run killed before its first checkpoint
+        (no resume.safetensors yet) restarts from step 0."""
+        from lab.run import read_run_config
+
         run_dir = Path(run_dir)
-        if not (run_dir / "resume.safetensors").is_file():
-            raise store.RunError(f"{run_dir}: nothing to resume (no resume.safetensors); is this a run folder?")
-        config = ExperimentConfig.model_validate(store.read_json(run_dir / "config.json"))
-        return cls(config, run_dir, progress=progress)
+        if not (run_dir / "config.json").is_file():
+            if run_dir.is_dir() and [p.name for p in run_dir.iterdir()] == [storage.LOCK_FILE]:  # a writer started, then died
+                raise RunError(f"{run_dir}: nothing to resume: the run was stopped before it wrote anything; "
+                               f"start it afresh with: lab train EXPERIMENT --name {run_dir.name}")
+            what = "no config.json" if run_dir.is_dir() else "no such folder"
+            raise RunError(f"{run_dir}: nothing to resume ({what}); is this a run folder?")
+        return cls(read_run_config(run_dir), run_dir, progress=progress)
 
 
-def _progress_bar(total: int, initial: int, enabled: bool):
+def progress_bar(total: int, initial: int, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, mininterval=0.5)

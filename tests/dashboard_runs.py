@@ -22,7 +22,7 @@ A_AND_B = [
 
 def train(runs_dir: Path, experiment: str, name: str, overrides: list[str]) -> Path:
     from lab.config import load_experiment
-    from lab.runs import new_run_dir
+    from lab.storage import new_run_dir
     from lab.training import Trainer
 
     config = load_experiment(experiment, overrides).resolve()

@@ -137,7 +137,7 @@ def test_progress_measures_are_cached_and_recomputed_only_when_checkpoints_chang
     assert computed == [] and again.equals(first)
 
     # a changed checkpoint (same step, new weights) and a new one are recomputed, nothing else
-    from lab.runs import checkpoint_path, load_tensors, save_tensors
+    from lab.storage import checkpoint_path, load_tensors, save_tensors
 
     weights, meta = load_tensors(checkpoint_path(run.path, 4))
     save_tensors(checkpoint_path(run.path, 4), {k: v * 0.5 for k, v in weights.items()}, meta)

@@ -1,7 +1,9 @@
-"""The dashboard in a real browser: `lab dashboard` on a free local port, Debian's Chromium driven by
-playwright (no browser download). Opens every page, waits for the plotly charts to render, types a
-sentence on the Attention page and checks the heatmap's labels follow, scrubs the checkpoint slider,
-and saves a screenshot of each step under a folder it prints ($LAB_SCREENSHOTS_DIR, or a temp dir).
+"""The dashboard in a real browser: `lab dashboard` on a free local port, started exactly as a user
+starts it (no extra flags), Debian's Chromium driven by playwright (no browser download). Opens
+every page, waits for the plotly charts to render, types a sentence on the Attention page and checks
+the heatmap's labels follow, scrubs the checkpoint slider, types a long sentence, checks that the
+page asks nothing of any other host (no usage statistics) and shows no Streamlit pop-up, and saves a
+screenshot of each step under a folder it prints ($LAB_SCREENSHOTS_DIR, or a temp dir).
 
 Without Chromium or playwright the test skips with a one-line reason; under CI=true it fails instead.
 """
@@ -21,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import dashboard_runs  # noqa: E402
+import dashboard_runs
+from lab.storage import acquire_writer
+import sweep_runs
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -52,23 +54,28 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _start_live_run(live: Path, source: Path) -> None:
-    """A copy of a finished run that looks as if training were at its second evaluation."""
+def _start_live_run(live: Path, source: Path):
+    """A copy of a finished run that looks as if training were at its second evaluation. Returns the run's
+    writer lock, held by this process as a trainer would hold it (a run whose writer is gone shows as
+    interrupted, not running)."""
     shutil.copytree(source, live)
+    (live / ".lock").unlink(missing_ok=True)
     lines = (live / "metrics.jsonl").read_text().splitlines(keepends=True)
     (live / "metrics.jsonl").write_text("".join(lines[:2]))
     (live / "rest.jsonl").write_text("".join(lines[2:]))  # what "training" appends later
     summary = json.loads((live / "summary.json").read_text())
     summary.update(status="running", step=json.loads(lines[1])["step"], updated_at=time.time() + 60)
     (live / "summary.json").write_text(json.dumps(summary))
+    return acquire_writer(live)
 
 
-def _finish_live_run(live: Path) -> None:
+def _finish_live_run(live: Path, writer) -> None:
     with open(live / "metrics.jsonl", "a") as f:
         f.write((live / "rest.jsonl").read_text())
     summary = json.loads((live / "summary.json").read_text())
     summary.update(status="finished", step=summary["steps"])
     (live / "summary.json").write_text(json.dumps(summary))
+    writer.release()
 
 
 @pytest.fixture(scope="module")
@@ -78,14 +85,15 @@ def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("browser_runs")
     for name in ("mod23", "ab"):
         shutil.copytree(shared / name, folder / name)
-    _start_live_run(folder / "live", shared / "ab")
+    live_writer = _start_live_run(folder / "live", shared / "ab")
+    shutil.copytree(sweep_runs.shared_sweep(tmp_path_factory), folder / sweep_runs.SWEEP_NAME)
     port = _free_port()
     log_path = tmp_path_factory.mktemp("dashboard_server") / "server.log"
     log = open(log_path, "w")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     process = subprocess.Popen(
-        [sys.executable, "-m", "lab.cli", "dashboard", "--runs-dir", str(folder), "--port", str(port), "--headless"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        [sys.executable, "-m", "lab.cli", "dashboard", "--runs-dir", str(folder), "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
@@ -100,7 +108,7 @@ def server(tmp_path_factory):
             process.kill()
             pytest.fail(f"lab dashboard did not come up on {url}:\n{log_path.read_text()[-3000:]}")
         time.sleep(0.5)
-    yield url, folder
+    yield url, folder, live_writer
     process.terminate()  # `lab dashboard` alone: it must stop its streamlit server itself
     try:
         process.wait(timeout=20)
@@ -151,10 +159,10 @@ def _settle(page) -> None:
 
 
 def _heatmap(page) -> dict:
-    """The first heatmap chart's tick labels and title, read from the plotly graph div."""
+    """The attention grid's tick labels and title, read from the plotly graph div."""
     return page.evaluate(
         """() => { const gd = [...document.querySelectorAll('.js-plotly-plot')]
-                     .find(g => g.data && g.data[0] && g.data[0].type === 'heatmap');
+                     .find(g => g.layout && (g.layout.title.text || '').includes('attention per head'));
                    return gd ? {x: gd.layout.xaxis.ticktext, title: gd.layout.title.text} : null; }"""
     )
 
@@ -176,12 +184,15 @@ def _no_exception(page) -> None:
 def test_dashboard_in_a_browser(server, shots):
     from playwright.sync_api import sync_playwright
 
-    url, folder = server
+    url, folder, live_writer = server
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport=VIEWPORT)
             page.set_default_timeout(RENDER_TIMEOUT_MS)  # clicks and navigation too, not only the waits
+            elsewhere = []  # requests to any other host than the dashboard's (usage statistics, fonts, CDNs)
+            page.on("request", lambda request: None if request.url.startswith((url, "data:", "blob:"))
+                    else elsewhere.append(request.url))
 
             # A run still training: its curve grows on the Runs page without a reload.
             page.goto(url)
@@ -189,11 +200,17 @@ def test_dashboard_in_a_browser(server, shots):
             live_points = """() => { const g = document.querySelector('.js-plotly-plot');
                 const t = g && g._fullData.find(t => t.name === 'live test'); return t ? t._length : -1; }"""
             assert page.evaluate(live_points) == 1  # steps 0 and 20; step 0 is off the log axis
-            _finish_live_run(folder / "live")
+            assert page.get_by_text("Help agents write better apps").count() == 0  # Streamlit's pop-up is off
+            # The runs table fits the page: no column (the "updated" one last) cut off behind a scroll bar.
+            scroller = page.locator('[data-testid="stDataFrame"] .dvn-scroller').first
+            widths = scroller.evaluate("e => [e.scrollWidth, e.clientWidth]")
+            assert widths[0] <= widths[1] + 1, f"the runs table scrolls sideways: {widths}"
+            _finish_live_run(folder / "live", live_writer)
             page.wait_for_function(f"() => ({live_points})() === 3", timeout=RENDER_TIMEOUT_MS)
 
             for n, (path, title) in enumerate([("", "Runs"), ("curves", "Curves"), ("attention", "Attention"),
-                                               ("progress", "Progress measures"), ("heads", "Heads")], start=1):
+                                               ("progress", "Progress measures"), ("heads", "Heads"),
+                                               ("sweeps", "Sweeps")], start=1):
                 page.goto(f"{url}/{path}")
                 page.get_by_role("heading", name=title).first.wait_for(timeout=RENDER_TIMEOUT_MS)
                 _settle(page)
@@ -254,6 +271,48 @@ def test_dashboard_in_a_browser(server, shots):
             _no_exception(page)
             assert _heatmap(page)["x"] == ["5", "7", "="]
             _shoot(page, shots / "9_attention_modular.png")
+
+            # A long sentence (the a_and_b run's longest): the <cls> strip with every character, and the grid.
+            page.locator('[data-testid="stSelectbox"]').first.click()
+            page.get_by_role("option", name="ab", exact=True).click()
+            page.get_by_label("Sentence", exact=True).and_(page.locator("input")).wait_for()
+            long = "x" * 30 + "a" + "y" * 17
+            sentence = page.get_by_label("Sentence", exact=True).and_(page.locator("input"))
+            sentence.fill(long)
+            sentence.press("Enter")
+            page.wait_for_function("() => [...document.querySelectorAll('.js-plotly-plot')]"
+                                   ".some(g => g.layout && (g.layout.title.text || '').includes('reads'))",
+                                   timeout=RENDER_TIMEOUT_MS)
+            _settle(page)
+            _no_exception(page)
+            _shoot(page, shots / "10_attention_long.png")
+
+            # Sweeps: clicking a cell of the phase diagram opens that cell's members' curves.
+            page.goto(f"{url}/sweeps")
+            page.get_by_role("heading", name="Sweeps").first.wait_for(timeout=RENDER_TIMEOUT_MS)
+            _settle(page)
+            find = "[...document.querySelectorAll('.js-plotly-plot')].find(g => g.layout && (g.layout.title.text || '').includes('phases over'))"
+            page.evaluate(f"() => {find}.scrollIntoView({{block: 'center'}})")
+            page.wait_for_timeout(500)
+            cell = page.evaluate(f"""() => {{ const gd = {find}; const r = gd.getBoundingClientRect();
+                const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis;
+                return {{x: r.left + xa._offset + xa.l2p(1), y: r.top + ya._offset + ya.l2p(1)}}; }}""")
+            page.mouse.move(cell["x"], cell["y"])
+            page.wait_for_timeout(300)
+            hover = page.locator(".hoverlayer .hovertext").first.text_content()  # an SVG element: no inner_text
+            assert "model.init_scale = 2, train.weight_decay = 1" in hover and "seed0" in hover, hover
+            page.mouse.click(cell["x"], cell["y"])
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('.js-plotly-plot')].some(g => g.layout"
+                " && (g.layout.title.text || '').includes('Accuracy: train')"
+                " && g.data.some(t => t.name === 'init_scale2.0-weight_decay1.0-seed0 test'))",
+                timeout=RENDER_TIMEOUT_MS)
+            _settle(page)
+            _no_exception(page)
+            outline = page.evaluate(f"() => {{ const s = ({find}).layout.shapes; return s && s.length ? [s[0].x0, s[0].y0] : null; }}")
+            assert outline == [0.5, 0.5], outline  # the clicked cell is outlined
+            _shoot(page, shots / "12_sweeps_cell.png")
+            assert not elsewhere, f"the dashboard asked other hosts: {sorted(set(elsewhere))[:5]}"
         finally:
             browser.close()
-    assert len(list(shots.glob("*.png"))) == 9, sorted(p.name for p in shots.glob("*.png"))
+    assert len(list(shots.glob("*.png"))) == 12, sorted(p.name for p in shots.glob("*.png"))

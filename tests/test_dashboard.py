@@ -1,27 +1,30 @@
 """The dashboard under Streamlit's AppTest, against real small runs: every page renders without an
 exception, draws the charts it should (read from the plotly spec in each element's proto), and its
 widgets change what is drawn; damaged, half-written and removed runs give a line, not a traceback.
-Also: the figure builders, and `lab dashboard`'s port check."""
+Also: the figure builders in lab.plots (and that a page's figure is the one `lab.plot_*` returns),
+the background prefetcher, and `lab dashboard` as a user starts it (empty home, no standard input)."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
+import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+import dashboard_runs
+import lab
+from lab import plots as figures
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # the dashboard/ folder sits next to lab/, outside the package
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import dashboard_runs  # noqa: E402
-from dashboard import figures  # noqa: E402
-
 APP = str(ROOT / "dashboard" / "app.py")
 TIMEOUT = 120  # AppTest's default 3 s is far too short for torch on a shared CPU
 
@@ -105,12 +108,14 @@ def test_ema_smooth_is_debiased_tensorboard_ema():
         figures.ema_smooth(values, 1.0)
 
 
-def test_run_colours_are_stable_and_distinct():
+def test_run_colours_follow_the_name_and_stay_distinct():
     a = figures.run_colors(["x", "y", "z"])
     b = figures.run_colors(["z", "x", "y", "w"])
-    assert a["x"] == figures.run_colors(["y", "x", "z"])["x"]
+    assert a == figures.run_colors(["y", "x", "z"])  # the order the runs were picked in does not matter
     assert len(set(a.values())) == 3 and len(set(b.values())) == 4
-    assert figures.run_color("x") == figures.run_color("x")
+    collide = next(n for n in (f"run{i}" for i in range(100)) if figures.run_color(n) == figures.run_color("x"))
+    both = figures.run_colors(["x", collide])
+    assert both["x"] != both[collide]  # same hashed colour: the second gets the next free one
 
 
 def test_attention_grid_keeps_repeated_tokens_and_fixes_the_scale():
@@ -125,6 +130,41 @@ def test_attention_grid_keeps_repeated_tokens_and_fixes_the_scale():
     assert np.allclose(np.array(heatmaps[4].z), pattern[1, 1].numpy())
 
 
+def test_long_input_gets_a_readable_strip_and_a_grid_with_a_minimum_cell_size():
+    import torch
+    from types import SimpleNamespace
+
+    n = 301  # <cls> and a 300-character sentence
+    tokens = ["<cls>"] + list(("x" * 150) + "a" + ("y" * 149))
+    pattern = torch.softmax(torch.randn(1, 2, n, n), dim=-1)
+    grid = figures.attention_grid_figure(pattern, tokens)
+    per_head = (grid.layout.height - 120) / 2  # one head per row
+    assert per_head >= n * figures.MIN_CELL_PX  # each query row gets at least MIN_CELL_PX pixels
+    assert grid.layout.xaxis.domain == grid.layout.xaxis2.domain  # stacked, not squeezed side by side
+    assert grid.layout.yaxis.scaleanchor == "x"  # square cells
+
+    result = SimpleNamespace(pattern=pattern, tokens=tokens, step=7)
+    strip = figures.read_attention_figure(result, 0, "ab")
+    (heat,) = strip.data
+    assert np.array(heat.z).shape == (2, n) and list(heat.y) == ["L0H0", "L0H1"]
+    assert np.allclose(np.array(heat.z)[1], pattern[0, 1, 0].numpy())  # the <cls> row of each head
+    assert list(strip.layout.xaxis.ticktext) == tokens  # every character labelled, the lone "a" too
+    pattern[0, 1, 0] = 0.0
+    pattern[0, 1, 0, 151] = 1.0  # head 1 reads only the "a"
+    strip = figures.read_attention_figure(result, 0, "ab")
+    low, high = strip.layout.xaxis.range
+    assert high - low == figures.STRIP_WINDOW and low < 151 < high  # the window opens on what <cls> reads
+    assert strip.layout.xaxis.rangeslider.visible  # pan along the rest
+    assert "what <cls> reads" in strip.layout.title.text and "step 7" in strip.layout.title.text
+
+
+def _curves(steps):
+    n = len(steps)
+    return pd.DataFrame({"step": steps, "train_loss": np.linspace(3, 0.01, n), "test_loss": np.linspace(3, 0.1, n),
+                         "train_acc": np.linspace(0, 1, n), "test_acc": np.linspace(0, 1, n),
+                         "weight_norm": np.linspace(10, 5, n)})
+
+
 def test_curves_figure_log_axes_and_markers():
     df = pd.DataFrame({"step": [0, 10, 20, 30], "train_loss": [3.0, 1.0, 0.1, 0.01], "test_loss": [3.0, 3.5, 2.0, 0.1],
                        "train_acc": [0.0, 0.5, 1.0, 1.0], "test_acc": [0.0, 0.0, 0.5, 1.0]})
@@ -134,6 +174,60 @@ def test_curves_figure_log_axes_and_markers():
     assert {"r memorized", "r grokked"} <= {t.name for t in fig.data}
     lin = figures.curves_figure({"r": df}, "accuracy", log_x=False, log_y=False)
     assert lin.layout.xaxis.type == "linear" and list(lin.data[0].x) == [0, 10, 20, 30]
+
+
+@pytest.mark.parametrize("last, labels", [
+    (850, ["10", "20", "50", "100", "200", "500", "1000"]),  # the issue's case: 1000 was missing
+    (3000, ["10", "20", "50", "100", "200", "500", "1000", "2000", "5000"]),
+    (40_000, ["10", "100", "1000", "10k"]),  # more than three decades: decades only
+])
+def test_log_step_axes_label_every_decade(last, labels):
+    steps = [0, *np.unique(np.geomspace(10, last, 40).round().astype(int))]
+    for fig in (figures.curves_figure({"r": _curves(steps)}, "loss"), figures.weight_norm_figure({"r": _curves(steps)}),
+                figures.progress_losses_figure(_curves(steps), log_x=True)):
+        axis = fig.layout.xaxis
+        assert axis.type == "log" and list(axis.ticktext) == labels
+        start, end = 10 ** np.array(axis.range)
+        assert start == pytest.approx(10) and last <= end * (1 + 1e-9) <= 2.5 * last  # the last step is inside
+        assert all(axis.range[0] - 1e-9 <= np.log10(v) <= axis.range[1] + 1e-9 for v in axis.tickvals)
+
+
+def test_markers_sit_on_the_raw_value_when_smoothed():
+    steps = list(range(0, 500, 10))
+    df = _curves(steps)
+    df.loc[df["step"] >= 200, "train_acc"] = 1.0  # memorised at 200: a jump the smoothed curve lags behind
+    fig = figures.curves_figure({"r": df}, "accuracy", log_y=False, smoothing=0.9,
+                                events={"r": {"memorize_step": 200, "grok_step": 490}})
+    marker = next(t for t in fig.data if t.name == "r memorized")
+    smoothed = next(t for t in fig.data if t.name == "r train")
+    assert marker.y[0] == 1.0  # the value that crossed 99%, not the smoothed curve's
+    assert smoothed.y[list(smoothed.x).index(200)] < 0.9  # (the smoothed curve is well below it there)
+
+
+def test_prefetcher_computes_ahead_in_order_and_keeps_errors():
+    from dashboard.background import Prefetcher, by_distance
+
+    order = by_distance([0, 10, 20, 30, 40], 40)
+    assert order == [40, 30, 20, 10, 0]
+    calls = []
+
+    def compute(step):
+        calls.append(step)
+        if step == 20:
+            raise ValueError("damaged checkpoint 20")
+        return step * 2
+
+    prefetcher = Prefetcher(compute, order)
+    deadline = time.monotonic() + 30
+    while prefetcher.done < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert calls == order and prefetcher.get(10) == 20
+    with pytest.raises(ValueError, match="damaged checkpoint 20"):
+        prefetcher.get(20)
+    late = Prefetcher(lambda step: time.sleep(0.2) or step, [1, 2, 3])
+    assert late.get(3) is None  # not reached yet: the page computes it and hands it over
+    late.put(3, "from the page")
+    assert late.get(3) == "from the page"
 
 
 # --- pages ----------------------------------------------------------------------------------------
@@ -147,6 +241,11 @@ def test_runs_page_lists_runs_and_draws_their_curves(runs, app):
     assert set(table["name"]) == {"mod23", "ab"}
     mod = table.set_index("name").loc["mod23"]
     assert mod["p"] == 23 and mod["operator"] == "add" and mod["heads"] == 4 and mod["status"] == "finished"
+    ab = table.set_index("name").loc["ab"]
+    assert pd.isna(ab["p"]) and pd.isna(ab["operator"]) and pd.isna(ab["train_frac"])  # a_and_b has none
+    assert at.dataframe[0].proto.placeholder == "—"  # ... and the table shows a dash there, not "None"
+    updated = json.loads(at.dataframe[0].proto.columns)["updated_at"]
+    assert updated["label"] == "updated" and updated["type_config"]["format"] == "distance"  # "3 minutes ago"
     assert set(at.sidebar.multiselect(key="selected_runs").value) == {"mod23", "ab"}
     (spec,) = specs(at)
     assert {"mod23 train", "mod23 test", "ab train", "ab test"} <= set(trace_names(spec))
@@ -158,6 +257,23 @@ def test_runs_page_lists_runs_and_draws_their_curves(runs, app):
     select_runs(at, ["ab"]).run()
     (spec,) = specs(at)
     assert not any(name.startswith("mod23") for name in trace_names(spec))
+
+
+def same_figure(spec: dict, fig) -> None:
+    """A chart drawn by a page is the figure a lab.plot_* call returns: same traces, data and titles."""
+    expected = json.loads(fig.to_json())
+    assert spec["layout"]["title"] == expected["layout"]["title"]
+    assert [t["type"] for t in spec["data"]] == [t["type"] for t in expected["data"]]
+    for got, want in zip(spec["data"], expected["data"]):
+        assert got.get("name") == want.get("name")
+        for field in ("x", "y", "z"):
+            if field in want:
+                a, b = arr(got[field]), arr(want[field])
+                assert a.shape == b.shape and (np.allclose(a, b, equal_nan=True) if a.dtype.kind in "fiu"
+                                               else list(a.ravel()) == list(b.ravel()))
+    for axis in ("xaxis", "yaxis"):
+        for field in ("type", "ticktext", "range"):
+            assert spec["layout"][axis].get(field) == expected["layout"][axis].get(field), (axis, field)
 
 
 def test_runs_page_without_runs_says_how_to_start_one(tmp_path, app):
@@ -176,6 +292,10 @@ def test_curves_page_toggles_and_smoothing_change_the_figure(runs, app):
     assert loss["layout"]["xaxis"]["type"] == "log" and loss["layout"]["yaxis"]["type"] == "log"
     assert "mod23 memorized" in trace_names(loss)
     assert set(trace_names(norm)) == {"mod23", "ab"}
+    shown = [lab.load_run(folder / name) for name in at.sidebar.multiselect(key="selected_runs").value]
+    same_figure(loss, lab.plot_curves(shown, "loss"))
+    same_figure(acc, lab.plot_curves(shown, "accuracy"))
+    same_figure(norm, lab.plot_weight_norm(shown))
 
     at.toggle(key="curves_log_x").set_value(False).run()
     loss, acc, norm = specs(at)
@@ -193,7 +313,7 @@ def test_curves_page_toggles_and_smoothing_change_the_figure(runs, app):
 
 
 def _attention_spec(at) -> dict:
-    return next(s for s in specs(at) if s["data"][0]["type"] == "heatmap")
+    return next(s for s in specs(at) if "attention per head" in s["layout"]["title"]["text"])
 
 
 def test_attention_page_a_and_b_sentence_and_checkpoint(runs, app):
@@ -210,8 +330,19 @@ def test_attention_page_a_and_b_sentence_and_checkpoint(runs, app):
     assert any("L0H0" in m.value for m in at.markdown)  # the <cls> highlight per head
     assert {m.label for m in at.metric} >= {"Prediction", "Probability"}
 
+    same_figure(spec, lab.plot_attention(lab.load_run(made["ab"]), "grab a cab"))
+
     at.text_input(key="attn_text").set_value("cab").run()
     assert _attention_spec(at)["layout"]["xaxis"]["ticktext"] == ["<cls>", "c", "a", "b"]
+
+    long = "x" * 30 + "a" + "y" * 17  # 48 characters (this run's max_len): 49 positions with <cls>
+    at.text_input(key="attn_text").set_value(long).run()
+    no_exception(at)
+    strip = next(s for s in specs(at) if "reads" in s["layout"]["title"]["text"])
+    assert strip["layout"]["xaxis"]["ticktext"] == ["<cls>", *long] and arr(strip["data"][0]["z"]).shape == (4, 49)
+    same_figure(strip, lab.plot_read_attention(lab.load_run(made["ab"]), long))
+    grid = _attention_spec(at)
+    assert grid["layout"]["height"] >= 4 * 49 * figures.MIN_CELL_PX  # one head per row, cells >= MIN_CELL_PX
 
     slider = at.select_slider(key="attn_step:ab")
     last = arr(_attention_spec(at)["data"][0]["z"])
@@ -257,6 +388,9 @@ def test_progress_measures_page(runs, app):
     assert {"restricted loss", "excluded loss", "test loss"} <= set(trace_names(losses))
     steps = arr(losses["data"][0]["x"])
     assert list(steps) == lab_checkpoint_steps(folder / "mod23")
+    same_figure(losses, lab.plot_progress(lab.load_run(folder / "mod23")))
+    fourier = next(s for s in specs(at) if "Fourier norms" in s["layout"]["title"]["text"])
+    same_figure(fourier, lab.plot_fourier_norms(lab.load_run(folder / "mod23")))
 
 
 def lab_checkpoint_steps(path):
@@ -275,6 +409,9 @@ def test_heads_page(runs, app):
     ablation, letters = specs(at)
     assert ablation["data"][0]["x"] == ["L0H0", "L0H1", "L1H0", "L1H1"]
     assert set(trace_names(letters)) == {"mass on a", "mass on b"}
+    ab = lab.load_run(folder / "ab")
+    same_figure(ablation, lab.plot_ablation(ab))
+    same_figure(letters, lab.plot_letter_attention(ab))
     at.selectbox(key="heads_run").set_value("mod23").run()
     no_exception(at)
     (ablation,) = specs(at)
@@ -355,24 +492,80 @@ def test_pages_survive_a_run_removed_while_open(runs, app, tmp_path):
 
 def test_dashboard_command_refuses_a_busy_port_in_one_line(capsys):
     from lab.cli import main
-    from lab.dashboard_server import APP as SERVER_APP, command
+    from lab.dashboard_server import app_path, command
 
-    assert SERVER_APP == ROOT / "dashboard" / "app.py" and SERVER_APP.is_file()
-    cmd = command("127.0.0.1", 8599, headless=True)
-    assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1"
+    assert app_path() == ROOT / "dashboard" / "app.py"  # found as the installed `dashboard` package
+    cmd = command("127.0.0.1", 8599)
+    flags = dict(zip(cmd[5::2], cmd[6::2]))
+    assert flags["--server.address"] == "127.0.0.1" and flags["--server.port"] == "8599"
+    assert flags["--server.headless"] == "true" and flags["--browser.gatherUsageStats"] == "false"
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         port = sock.getsockname()[1]
-        assert main(["dashboard", "--port", str(port), "--headless"]) == 2
+        assert main(["dashboard", "--port", str(port)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"port {port}" in err and "already in use" in err
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_dashboard_starts_for_a_new_user_with_no_home_config_and_no_terminal(runs, tmp_path):
+    """`lab dashboard` as a newcomer meets it: a fresh empty HOME (no ~/.streamlit), no standard input.
+    A non-headless Streamlit would stop at its "Email:" prompt and exit 255 without answering."""
+    folder, _ = runs
+    home = tmp_path / "home"
+    home.mkdir()
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMLIT_")}
+    env.update(HOME=str(home), XDG_CONFIG_HOME=str(home / ".config"), PYTHONUNBUFFERED="1")
+    log = tmp_path / "server.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "lab.cli", "dashboard", "--runs-dir", str(folder),
+                                    "--port", str(port)], stdin=subprocess.DEVNULL, stdout=out,
+                                   stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as response:
+                        assert response.status == 200
+                        break
+                except OSError:
+                    pass
+                assert process.poll() is None, f"lab dashboard exited with {process.returncode}:\n{log.read_text()}"
+                assert time.monotonic() < deadline, f"no answer on port {port}:\n{log.read_text()}"
+                time.sleep(0.5)
+            time.sleep(1)  # Streamlit prints its URL just after it starts answering
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+    output = log.read_text()
+    assert f"http://127.0.0.1:{port}" in output  # the URL to open is printed
+    for unwanted in ("Email", "Collecting usage statistics", "skills", "Welcome to Streamlit"):
+        assert unwanted not in output, f"{unwanted!r} in:\n{output}"
+
+
+def test_timing_script_measures_a_page(runs, capsys):
+    from lab import dashboard_timing
+
+    folder, _ = runs
+    assert dashboard_timing.main(["--runs-dir", str(folder), "--repeat", "1", "--pages", "curves"]) == 0
+    out = capsys.readouterr().out
+    assert "curves: first visit" in out and "curves: smoothing 0.8" in out and " ms " in out
+    with pytest.raises(SystemExit):
+        dashboard_timing.main(["--runs-dir", str(folder), "--pages", "curvez"])
+    assert "curvez" in capsys.readouterr().err
 
 
 def test_downloads_html_offline_and_png(tmp_path):
     import zipfile
 
-    from dashboard import common
+    from dashboard import downloads
 
     df = pd.DataFrame({"step": [0, 10], "train_loss": [2.0, 1.0], "test_loss": [2.0, 1.5],
                        "train_acc": [0.1, 0.9], "test_acc": [0.0, 0.2], "weight_norm": [3.0, 3.1]})
@@ -380,8 +573,8 @@ def test_downloads_html_offline_and_png(tmp_path):
     page = figures.figures_html(figs, "Curves <test>")
     assert page.count("<h2>") == 2 and "Curves &lt;test&gt;" in page
     assert "<script src=" not in page and len(page) > 1_000_000  # plotly.js embedded once: works offline
-    if not common.png_export_available():
+    if not downloads.png_export_available():
         pytest.skip("PNG export needs kaleido and Chromium")
-    archive = zipfile.ZipFile(__import__("io").BytesIO(common._png_zip({"loss": figs["loss"]})))
+    archive = zipfile.ZipFile(__import__("io").BytesIO(downloads.png_zip({"loss": figs["loss"]})))
     (name,) = archive.namelist()
     assert name == "00_loss.png" and archive.read(name)[:8] == b"\x89PNG\r\n\x1a\n"

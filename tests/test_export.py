@@ -1,4 +1,4 @@
-"""`model.to_transformer_lens()`: a TransformerLens 4.x TransformerBridge with the same weights and logits."""
+"""`lab.to_transformer_lens(model)`: a TransformerLens 4.x TransformerBridge with the same weights and logits."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def test_modular_export_matches_and_the_toolbox_works(grokked_run):
     from transformer_lens import TransformerBridge
 
     model, task = grokked_run.model(), grokked_run.task
-    bridge = model.to_transformer_lens()
+    bridge = lab.to_transformer_lens(model)
     assert isinstance(bridge, TransformerBridge)
     tokens = task.split("test").tokens
     ours, theirs = model(tokens)[:, -1], bridge(tokens)[:, -1]
@@ -34,7 +34,7 @@ def test_modular_export_matches_and_the_toolbox_works(grokked_run):
 @torch.no_grad()
 def test_a_and_b_export_with_padding_mask(a_and_b_run):
     model, task = a_and_b_run.model(), a_and_b_run.task
-    bridge = model.to_transformer_lens()
+    bridge = lab.to_transformer_lens(model)
     tokens = task.split("test").tokens  # padded
     assert (tokens == task.pad_token_id).any()
     theirs = bridge(tokens, attention_mask=(tokens != task.pad_token_id).long())[:, task.read_position]
@@ -55,7 +55,26 @@ def test_layernorm_gelu_attn_only_models_export_exactly():
             if not name.rsplit(".", 1)[-1].startswith("W_"):
                 param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))) * 0.3)
         tokens = make_task(config.task).split("test").tokens
-        assert (model(tokens) - model.to_transformer_lens()(tokens)).abs().max() < 1e-5, overrides
+        assert (model(tokens) - lab.to_transformer_lens(model)(tokens)).abs().max() < 1e-5, overrides
+
+
+def test_the_bridge_is_for_analysis_and_builds_no_autograd_graph(grokked_run):
+    """As the README uses it, with gradients on (no `torch.no_grad()`): nothing carries a grad_fn."""
+    run = grokked_run
+    bridge = lab.to_transformer_lens(run.model())
+    assert not any(param.requires_grad for param in bridge.parameters())
+    tokens = run.task.split("test").tokens[:16]
+    logits, cache = bridge.run_with_cache(tokens)
+    resid = cache.decompose_resid(pos_slice=-1)
+    attrs = cache.logit_attrs(resid, tokens=run.task.split("test").labels[:16])
+    assert torch.is_grad_enabled()
+    assert logits.grad_fn is None and resid.grad_fn is None and attrs.grad_fn is None
+    assert attrs.abs().max() > 0.1  # a real result, just without a graph
+    # gradient-based methods (attribution patching) ask for gradients explicitly
+    trainable = lab.to_transformer_lens(run.model(), requires_grad=True)
+    assert all(param.requires_grad for param in trainable.parameters())
+    trainable(tokens)[:, -1].logsumexp(-1).mean().backward()
+    assert all(param.grad is not None for param in trainable.parameters())
 
 
 def test_settings_the_bridge_cannot_represent_fail_clearly(grokked_run, monkeypatch):
@@ -67,8 +86,8 @@ def test_settings_the_bridge_cannot_represent_fail_clearly(grokked_run, monkeypa
     model = lab.Transformer(grokked_run.config.model.model_copy(update={"seed": 5, "act_fn": "gelu"}))
     monkeypatch.setattr(export, "SUPPORTED", {**export.SUPPORTED, "act_fn": ("relu",)})
     with pytest.raises(lab.ExportError, match=r"model\.act_fn = 'gelu' has no bridge equivalent \(supported: 'relu'\)"):
-        model.to_transformer_lens()
+        lab.to_transformer_lens(model)
     monkeypatch.setattr(export, "SUPPORTED", {key: value for key, value in export.SUPPORTED.items() if key != "act_fn"})
     monkeypatch.setattr(export, "KNOWN_FIELDS", export.KNOWN_FIELDS - {"seed"})
     with pytest.raises(lab.ExportError, match=r"model\.seed = 5 is a setting this export does not translate"):
-        model.to_transformer_lens()
+        lab.to_transformer_lens(model)

@@ -6,10 +6,12 @@ import json
 
 import pytest
 import torch
+from conftest import TINY
 
 from lab.config import ModelConfig, validate_experiment
+from lab.fast_forward import hooks_attached
 from lab.model import Transformer
-from lab.runs import read_jsonl
+from lab.storage import read_jsonl
 from lab.training import Trainer, evaluate
 
 
@@ -38,16 +40,58 @@ CASES = {
 }
 
 
+@pytest.fixture
+def forward_refused(monkeypatch):
+    """`Transformer.forward` raises: the fast path must compute on its own, not fall back to it
+    (otherwise forward_at == forward would hold trivially)."""
+    plain_forward = Transformer.forward
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the fast path called Transformer.forward")
+
+    monkeypatch.setattr(Transformer, "forward", refuse)
+    return lambda m, x: plain_forward(m, x)
+
+
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("position", [-1, 0, 2])
-def test_forward_at_equals_forward_at_that_position(case, position):
+def test_forward_at_equals_forward_at_that_position(case, position, forward_refused):
     m = model(**CASES[case])
     x = tokens()
-    torch.testing.assert_close(m.forward_at(x, position), m(x)[:, position], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(m.forward_at(x, position), forward_refused(m, x)[:, position], rtol=1e-12, atol=1e-12)
+
+
+def test_the_cases_are_the_models_they_name():
+    """Each case changes the model (a gelu case that silently built a relu MLP would test nothing twice)."""
+    x = tokens()
+    reference = model()(x)
+    for case, overrides in CASES.items():
+        if overrides:
+            assert not torch.allclose(model(**overrides)(x), reference), case
+    gelu = model(act_fn="gelu")
+    assert gelu.blocks[0].mlp.act_fn is torch.nn.functional.gelu
+    _, cache = gelu.run_with_cache(x)
+    torch.testing.assert_close(cache["post", 0], torch.nn.functional.gelu(cache["pre", 0]))
+    assert (cache["post", 0] < 0).any()  # gelu's negative lobe: not a relu
+
+
+def test_forward_at_takes_the_same_inputs_as_forward():
+    """One input preparation for both: a single sequence, explicit key padding, the n_ctx limit."""
+    m = model(causal=False)
+    x = tokens()
+    torch.testing.assert_close(m.forward_at(x[0], 1), m(x[0])[:, 1], rtol=1e-12, atol=1e-12)
+    padding = torch.zeros_like(x, dtype=torch.bool)
+    padding[:, 3:] = True
+    torch.testing.assert_close(m.forward_at(x, 1, padding), m(x, padding)[:, 1], rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(m.forward_at(x, 1, padding), m.forward_at(x, 1))
+    too_long = tokens(n=6)
+    for run in (m, lambda t: m.forward_at(t, 0)):
+        with pytest.raises(ValueError, match="input of 6 positions is longer than this model's n_ctx of 5"):
+            run(too_long)
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_forward_at_gives_the_same_gradients(case):
+def test_forward_at_gives_the_same_gradients(case, forward_refused):
     m = model(**CASES[case])
     x, labels = tokens(), torch.arange(6) % 7
 
@@ -55,7 +99,7 @@ def test_forward_at_gives_the_same_gradients(case):
         loss = torch.nn.functional.cross_entropy(logits, labels)
         return torch.autograd.grad(loss, list(m.parameters()), allow_unused=True)
 
-    fast, plain = grads(m.forward_at(x, -1)), grads(m(x)[:, -1])
+    fast, plain = grads(m.forward_at(x, -1)), grads(forward_refused(m, x)[:, -1])
     for (name, _), a, b in zip(m.named_parameters(), fast, plain):
         if b is None:
             assert a is None or not a.any(), name
@@ -85,25 +129,31 @@ def test_forward_at_runs_hooks_when_attached():
 
     plain = m.forward_at(x, -1)
     with m.hooks(fwd_hooks=[("blocks.0.mlp.hook_post", kill_mlp)]):
-        assert m.hooks_attached()
+        assert hooks_attached(m)
         hooked = m.forward_at(x, -1)
         expected = m(x)[:, -1]
-    assert seen and not m.hooks_attached()
+    assert seen and not hooks_attached(m)
     torch.testing.assert_close(hooked, expected)
     assert not torch.allclose(hooked, plain)
+
+
+def test_forward_at_runs_backward_and_permanent_hooks():
+    m = model()
+    x, seen = tokens(), []
+    with m.hooks(bwd_hooks=[("blocks.0.hook_resid_mid", lambda grad, hook: seen.append(hook.name))]):
+        assert hooks_attached(m)
+        m.forward_at(x, -1).sum().backward()
+    assert seen == ["blocks.0.hook_resid_mid"] and not hooks_attached(m)
+    m.blocks[0].mlp.hook_post.add_perma_hook(lambda act, hook: torch.zeros_like(act))
+    assert hooks_attached(m)
+    torch.testing.assert_close(m.forward_at(x, -1), m(x)[:, -1])
+    m.reset_hooks(including_permanent=True)
+    assert not hooks_attached(m)
 
 
 def test_forward_at_rejects_a_position_outside_the_input():
     with pytest.raises(IndexError, match="outside"):
         model().forward_at(tokens(), 5)
-
-
-TINY = {
-    "name": "tiny",
-    "task": {"name": "modular", "p": 11, "train_frac": 0.5},
-    "model": {"d_model": 32, "n_heads": 2, "d_head": 16, "d_mlp": 64},
-    "train": {"steps": 30, "lr": 3e-3, "eval_every": 10, "checkpoint_every": 10, "log_checkpoints": 0, "device": "cpu"},
-}
 
 
 def test_train_metrics_from_the_update_forward_equal_a_separate_evaluation(tmp_path):
@@ -112,7 +162,7 @@ def test_train_metrics_from_the_update_forward_equal_a_separate_evaluation(tmp_p
     trainer = Trainer(config, tmp_path / "run", progress=False)
     trainer.run()
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
-    from lab.runs import load_tensors
+    from lab.storage import load_tensors
 
     for row in rows[:-1]:  # the last row has no update after it and is evaluated directly
         weights, _ = load_tensors(tmp_path / "run" / "checkpoints" / f"step_{row['step']:07d}.safetensors")
@@ -124,10 +174,10 @@ def test_train_metrics_from_the_update_forward_equal_a_separate_evaluation(tmp_p
 
 
 def test_stop_after_grok_ends_the_run_at_the_first_eval_that_far_past_grok(tmp_path, monkeypatch):
-    import lab.training
+    import lab.outcomes
 
     # "grokked" = test acc >= 0 here: grok at step 0, so the test is about where the run stops
-    monkeypatch.setattr(lab.training, "GROK_ACC", 0.0)
+    monkeypatch.setattr(lab.outcomes, "GROK_ACC", 0.0)
     data = json.loads(json.dumps(TINY))
     data["train"].update(steps=400, lr=1e-2, eval_every=5, checkpoint_every=1000, stop_after_grok=12)
     summary = Trainer(validate_experiment(data), tmp_path / "run", progress=False).run()

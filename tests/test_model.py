@@ -86,12 +86,32 @@ def test_too_long_input_for_learned_positions_is_a_clear_error():
         model(torch.zeros(1, 4, dtype=torch.long))
 
 
-def test_attn_only_and_gelu_variants_run():
+def test_attn_only_and_gelu_variants_compute_what_they_name():
     model, task = build({"name": "modular", "p": 7}, d_model=16, n_heads=2, d_head=8, attn_only=True)
     assert model.blocks[0].mlp is None and "blocks.0.mlp.hook_post" not in model.hook_dict
-    model(task.split("train").tokens)
+    logits, cache = model.run_with_cache(task.split("train").tokens)
+    torch.testing.assert_close(cache["resid_post", 0], cache["resid_mid", 0])  # nothing after attention
+    torch.testing.assert_close(logits, cache["resid_mid", 0] @ model.W_U + model.b_U)
+
     model, task = build({"name": "modular", "p": 7}, d_model=16, n_heads=2, d_head=8, d_mlp=32, act_fn="gelu")
-    model(task.split("train").tokens)
+    tokens = task.split("train").tokens
+    logits, cache = model.run_with_cache(tokens)
+    mlp = model.blocks[0].mlp
+    pre = cache["resid_mid", 0] @ mlp.W_in + mlp.b_in
+    torch.testing.assert_close(cache["pre", 0], pre)
+    torch.testing.assert_close(cache["post", 0], torch.nn.functional.gelu(pre))
+    torch.testing.assert_close(cache["mlp_out", 0], torch.nn.functional.gelu(pre) @ mlp.W_out + mlp.b_out)
+    assert (cache["post", 0] < 0).any()  # gelu's negative lobe: not a relu
+    mlp.act_fn = torch.nn.functional.relu
+    assert not torch.allclose(model(tokens), logits)
+
+
+def test_layernorm_normalises_each_position():
+    model, task = build({"name": "modular", "p": 7}, d_model=16, n_heads=2, d_head=8, d_mlp=32, normalization="LN")
+    _, cache = model.run_with_cache(task.split("train").tokens)
+    normalized = cache["blocks.0.ln1.hook_normalized"]  # (batch, pos, d_model)
+    torch.testing.assert_close(normalized.mean(-1), torch.zeros(normalized.shape[:2]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(normalized.pow(2).mean(-1), torch.ones(normalized.shape[:2]), atol=1e-3, rtol=0)
 
 
 def test_hooks_can_patch_activations():

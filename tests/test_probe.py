@@ -172,6 +172,160 @@ def test_letter_attention_names_a_head_per_letter(a_and_b_run, grokked_run):
         lab.letter_attention(grokked_run)
 
 
+# --- the fast ablation path against the plain hook-based computation --------------------------------
+# The reference below is the straightforward way (what lab did before the fast path): a full forward
+# over every position with `run_with_hooks` patching the component, one forward per head.
+
+
+def reference_ablation(model, task, split, method, hook_name, index, loss_kind="softmax"):
+    """(loss, accuracy) on `split` with act[index] of `hook_name` zeroed or set to its per-position mean."""
+    from lab.losses import task_loss
+
+    data = task.split(split)
+    real = (data.tokens != task.pad_token_id).float() if task.pad_token_id is not None else torch.ones(data.tokens.shape)
+    hooks = []
+    if hook_name is not None:
+        value = 0.0
+        if method == "mean":
+            _, cache = model.run_with_cache(data.tokens, names_filter=hook_name)
+            act = cache[hook_name]
+            mask = real.reshape(*real.shape, *([1] * (act.ndim - 2)))
+            value = (act * mask).sum(0) / mask.sum(0).clamp(min=1)  # (pos, ...)
+
+        def patch(act, hook):
+            act = act.clone()
+            act[index] = value if isinstance(value, float) else value.expand_as(act)[index]
+            return act
+
+        hooks = [(hook_name, patch)]
+    with torch.no_grad():
+        logits = model.run_with_hooks(data.tokens, fwd_hooks=hooks)[:, task.read_position]
+    loss = task_loss(logits, data.labels, loss_kind, torch.float64).item()
+    return loss, (logits.argmax(-1) == data.labels).double().mean().item()
+
+
+def reference_letter_masses(model, task, split):
+    """(layer, head) mean <cls> attention on `a` (strings with an a) and on `b`, from the full patterns."""
+    tokens = task.split(split).tokens
+    _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"))
+    rows = torch.stack([cache["pattern", layer][:, :, task.read_position] for layer in range(model.cfg.n_layers)], 1)
+    masses = []
+    for letter in "ab":
+        is_letter = (tokens == task.vocab.index(letter)).double()
+        has = is_letter.sum(-1) > 0
+        masses.append((rows.double() * is_letter[:, None, None]).sum(-1)[has].mean(0))
+    return masses
+
+
+def two_layer_models():
+    """Untrained 2-layer models: causal with positions (modular) and bidirectional with padding (a_and_b),
+    so that earlier-layer ablations, LayerNorm and padding all take the general path."""
+    from lab.config import load_experiment
+    from lab.model import Transformer
+    from lab.tasks import make_task
+
+    models = []
+    for experiment, overrides in [
+        ("modadd_quick", ["task.p=11", "model.n_layers=2", "model.d_model=24", "model.n_heads=3", "model.d_head=8",
+                          "model.d_mlp=32", "model.normalization=LN"]),
+        ("a_and_b", ["task.max_train_len=6", "task.max_test_len=12", "task.max_len=16", "task.n_train=64",
+                     "task.n_test=48", "model.n_layers=2"]),
+    ]:
+        config = load_experiment(experiment, overrides).resolve()
+        models.append((Transformer(config.model).eval(), make_task(config.task)))
+    return models
+
+
+@pytest.mark.parametrize("which", ["grokked", "a_and_b", "two_layer_modular", "two_layer_a_and_b"])
+def test_fast_head_ablation_equals_the_hook_reference(which, grokked_run, a_and_b_run):
+    from lab.analysis.ablation import ablate_heads
+
+    if which in ("grokked", "a_and_b"):
+        run = grokked_run if which == "grokked" else a_and_b_run
+        model, task, loss_kind = run.model(), run.task, run.config.train.loss
+    else:
+        (model, task), loss_kind = two_layer_models()[which == "two_layer_a_and_b"], "softmax"
+    for split in ("test", "train"):
+        for method in ("zero", "mean"):
+            frame = ablate_heads(model, split=split, method=method, task=task)
+            expected = [reference_ablation(model, task, split, method, None, None, loss_kind)]
+            for layer in range(model.cfg.n_layers):
+                for head in range(model.cfg.n_heads):
+                    expected.append(reference_ablation(model, task, split, method, f"blocks.{layer}.attn.hook_z",
+                                                       (slice(None), slice(None), head), loss_kind))
+            assert frame["loss"].tolist() == pytest.approx([e[0] for e in expected], rel=1e-4, abs=1e-6), (split, method)
+            assert frame["accuracy"].tolist() == [e[1] for e in expected], (split, method)
+    if task.name == "a_and_b":
+        from lab.analysis.heads import letter_masses
+        from lab.probe import Target
+
+        rows = letter_masses(Target(model, task, None), "test")
+        on_a, on_b = reference_letter_masses(model, task, "test")
+        assert [row["mass_on_a"] for row in rows] == pytest.approx(on_a.flatten().tolist(), abs=1e-6)
+        assert [row["mass_on_b"] for row in rows] == pytest.approx(on_b.flatten().tolist(), abs=1e-6)
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_fast_neuron_ablation_equals_the_hook_reference(layer, grokked_run):
+    model, task = two_layer_models()[0] if layer == 1 else (grokked_run.model(), grokked_run.task)
+    neurons = [0, 3, 5]
+    index = (slice(None), slice(None), torch.tensor(neurons))
+    for method in ("zero", "mean"):
+        got = lab.ablate_neurons(model, neurons, layer=layer, split="train", method=method, task=task)
+        loss, accuracy = reference_ablation(model, task, "train", method, f"blocks.{layer}.mlp.hook_post", index)
+        assert got["loss"] == pytest.approx(loss, rel=1e-4, abs=1e-6) and got["accuracy"] == accuracy
+    if layer == 1:  # an earlier layer's neurons, too
+        got = lab.ablate_neurons(model, neurons, layer=0, split="train", method="mean", task=task)
+        loss, accuracy = reference_ablation(model, task, "train", "mean", "blocks.0.mlp.hook_post", index)
+        assert got["loss"] == pytest.approx(loss, rel=1e-4, abs=1e-6) and got["accuracy"] == accuracy
+
+
+def test_head_analyses_are_cached_per_checkpoint_in_the_run_folder(a_and_b_run, tmp_path, monkeypatch):
+    import os
+
+    from lab.analysis import ablation, heads
+
+    run = lab.load_run(_copy(a_and_b_run, tmp_path))
+    fresh = lab.ablate_heads(run, split="train", method="mean", cache=False)
+    first = lab.ablate_heads(run, split="train", method="mean")
+    assert first.equals(fresh)
+    step = run.checkpoint_steps[-1]
+    stored = json.loads((run.path / "analysis" / "heads" / f"step_{step:06d}.json").read_text())
+    assert "ablate_heads/train/mean" in stored["entries"]
+
+    # Everything precomputed: no model is run again, for any checkpoint, split or method.
+    assert "ablate_heads/train/zero" in stored["entries"] and "letter_attention/train" in stored["entries"]  # same pass
+    assert heads.precompute_heads(run) == 2 * len(run.checkpoint_steps) - 1  # (checkpoint, split) pairs computed
+    assert heads.precompute_heads(run) == 0
+    assert sorted(os.listdir(run.path / "analysis" / "heads")) == [f"step_{s:06d}.json" for s in run.checkpoint_steps]
+    letters = lab.letter_attention(run, step=run.checkpoint_steps[0], split="train")
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("recomputed although cached")
+
+    monkeypatch.setattr(ablation, "split_entries", no_compute)
+    monkeypatch.setattr(heads, "split_entries", no_compute)
+    assert lab.ablate_heads(run, split="train", method="mean").equals(first)
+    assert lab.letter_attention(run, step=run.checkpoint_steps[0], split="train").equals(letters)
+
+    # A rewritten checkpoint (new modification time) is recomputed; so is a damaged cache file.
+    checkpoint = sorted((run.path / "checkpoints").iterdir())[-1]
+    os.utime(checkpoint, ns=(checkpoint.stat().st_atime_ns, checkpoint.stat().st_mtime_ns + 10**9))
+    with pytest.raises(AssertionError, match="recomputed"):
+        lab.ablate_heads(run, split="train", method="mean")
+    monkeypatch.undo()
+    (run.path / "analysis" / "heads" / f"step_{step:06d}.json").write_text("{damaged")
+    assert lab.ablate_heads(run, split="train", method="mean").equals(first)
+    with pytest.raises(TypeError, match="needs a Run"):
+        heads.precompute_heads(run.model())
+
+
+def _copy(run, tmp_path):
+    import shutil
+
+    return shutil.copytree(run.path, tmp_path / run.name, ignore=shutil.ignore_patterns("analysis"))  # no cache yet
+
+
 def test_public_names_are_exported_lazily():
     import subprocess
     import sys

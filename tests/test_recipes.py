@@ -5,8 +5,11 @@ import math
 import pytest
 import torch
 
-from lab.config import GradFilterConfig, load_experiment, validate_experiment
-from lab.recipes import RECIPES, GradFilter, orthogonalize_gradients, recipe_overrides, stablemax, task_loss
+from conftest import tiny_data
+
+from lab.config import GradFilterConfig, apply_overrides, load_experiment, validate_experiment
+from lab.losses import stablemax, task_loss
+from lab.recipes import RECIPES, GradFilter, orthogonalize_gradients, recipe_overrides
 from lab.training import Trainer
 
 
@@ -114,13 +117,8 @@ def test_softmax_loss_is_cross_entropy():
     assert math.isclose(float(task_loss(x, torch.tensor([2]), "softmax", torch.float64)), float(expected), rel_tol=1e-12)
 
 
-TINY = {
-    "name": "tiny",
-    "task": {"name": "modular", "p": 7, "train_frac": 0.5},
-    "model": {"d_model": 16, "n_heads": 2, "d_head": 8, "d_mlp": 32},
-    "train": {"steps": 3, "lr": 1e-2, "warmup_steps": 0, "eval_every": 1, "log_checkpoints": 0, "device": "cpu",
-              "loss_dtype": "float64"},
-}
+# three full-batch updates at a visible learning rate, with a float64 loss
+THREE_STEPS = {"steps": 3, "lr": 1e-2, "warmup_steps": 0, "eval_every": 1, "loss_dtype": "float64"}
 
 
 @pytest.mark.parametrize("recipe", ["grokfast_ema", "grokfast_ma", "stablemax_orthograd", "high_lr_wd"])
@@ -155,17 +153,13 @@ def test_trainer_update_applies_the_recipe(tmp_path, recipe):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=name)
     # and the recipe really changed the update: the plain loop without it ends elsewhere
     if recipe != "high_lr_wd":
-        plain = Trainer(validate_experiment(TINY), tmp_path / "plain", progress=False)
+        plain = Trainer(validate_experiment(tiny_data(**THREE_STEPS)), tmp_path / "plain", progress=False)
         plain.update(), plain.update(), plain.update()
         assert any((a - b).abs().max() > 1e-4 for a, b in zip(plain.model.parameters(), trainer.model.parameters()))
 
 
 def load_experiment_dict(recipe: str) -> dict:
-    import json
-
-    from lab.config import apply_overrides
-
-    data = apply_overrides(json.loads(json.dumps(TINY)), recipe_overrides(recipe))
+    data = apply_overrides(tiny_data(**THREE_STEPS), recipe_overrides(recipe))
     if recipe == "grokfast_ma":  # a window of 2, so that two steps see the filter at work
         data["train"]["grad_filter"]["window"] = 2
     return data

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from lab.config import ConfigError, validate_experiment
+from lab.config import validate_experiment
+from lab.errors import ConfigError
 from lab.tasks import OPERATORS, make_task
 
 
@@ -66,8 +67,10 @@ def test_unknown_operator_and_task_are_named():
 def test_modular_encode_decode():
     task = modular()
     assert task.encode("12 + 3 =") == [12, 3, 13]
-    assert task.encode("12 3") == [12, 3, 13]
-    assert task.encode("12+3") == [12, 3, 13]
+    assert task.encode("12+3=") == [12, 3, 13] == task.encode("12 add 3 =")
+    for loose in ("12 3", "12+3", "12", "123 ="):  # strict: exactly `a op b =` (issue 12: "12" was read as 1 + 2)
+        with pytest.raises(ValueError, match="write exactly 'a \\+ b ='"):
+            task.encode(loose)
     assert task.decode(task.encode("4 + 5 =")) == "4 + 5 ="
     assert task.encode(task.decode([7, 8, 13])) == [7, 8, 13]
     assert task.label_names[task.label([4, 5, 13])] == "9"
@@ -120,3 +123,14 @@ def test_a_and_b_encoding_and_padding():
 def test_a_and_b_config_errors():
     with pytest.raises(ConfigError, match=r"alphabet 'xyz' must contain both 'a' and 'b'"):
         validate_experiment({"task": {"name": "a_and_b", "alphabet": "xyz"}})
+
+
+def test_a_prediction_prints_as_its_answer_not_its_whole_distribution():
+    from lab.prediction import prediction_from_logits
+
+    task = make_task({"name": "modular", "p": 59})
+    logits = torch.zeros(59)
+    logits[17] = 10.0
+    prediction = prediction_from_logits(task, logits)
+    assert prediction.probabilities.shape == (59,) and prediction.probabilities.sum().item() == pytest.approx(1.0)
+    assert repr(prediction) == "Prediction(label='17', label_id=17, probability=0.9974)"  # e^10 / (e^10 + 58)

@@ -1,7 +1,7 @@
 """Training: loss falls, determinism, run-folder contents, and exact resume after Ctrl-C or kill -9."""
 
 import json
-import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,23 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import tiny, tiny_data
 
-from lab.config import validate_experiment
-from lab.runs import checkpoint_steps, load_tensors, read_jsonl
+import lab.outcomes
+from lab.storage import ResumeState, checkpoint_steps, load_resume_state, load_tensors, read_jsonl, save_tensors
 from lab.training import Trainer, checkpoint_schedule
 
-TINY = {
-    "name": "tiny",
-    "task": {"name": "modular", "p": 11, "train_frac": 0.5},
-    "model": {"d_model": 32, "n_heads": 2, "d_head": 16, "d_mlp": 64},
-    "train": {"steps": 120, "lr": 3e-3, "eval_every": 10, "checkpoint_every": 50, "log_checkpoints": 4},
-}
-
-
-def tiny(**train):
-    data = json.loads(json.dumps(TINY))
-    data["train"].update(train)
-    return validate_experiment(data)
+LONGER = {"steps": 120, "checkpoint_every": 50, "log_checkpoints": 4}
 
 
 def without_time(rows):
@@ -33,7 +23,7 @@ def without_time(rows):
 
 
 def test_loss_falls_and_run_folder_is_complete(tmp_path):
-    summary = Trainer(tiny(), tmp_path / "run", progress=False).run()
+    summary = Trainer(tiny(**LONGER), tmp_path / "run", progress=False).run()
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(0, 121, 10))
     assert rows[-1]["train_loss"] < rows[0]["train_loss"] / 2
@@ -58,7 +48,7 @@ def test_checkpoint_schedule_is_log_spaced_plus_periodic():
 
 
 def test_training_is_deterministic_to_the_bit(tmp_path):
-    config = tiny(steps=40, batch_size=16)
+    config = tiny(**{**LONGER, "steps": 40, "batch_size": 16})
     Trainer(config, tmp_path / "a", progress=False).run()
     Trainer(config, tmp_path / "b", progress=False).run()
     assert without_time(read_jsonl(tmp_path / "a" / "metrics.jsonl")) == without_time(read_jsonl(tmp_path / "b" / "metrics.jsonl"))
@@ -86,14 +76,9 @@ def write_config(path: Path, data: dict) -> Path:
     return path
 
 
-RESUMABLE = {
-    "name": "resumable",
-    "task": {"name": "modular", "p": 11, "train_frac": 0.5},
-    "model": {"d_model": 32, "n_heads": 2, "d_head": 16, "d_mlp": 64},
-    # Mini-batches and a Grokfast filter, so that resume must restore the batch order and the filter state too.
-    "train": {"steps": 3000, "lr": 3e-3, "batch_size": 24, "eval_every": 20, "checkpoint_every": 150,
-              "log_checkpoints": 0, "grad_filter": {"kind": "ema", "alpha": 0.9, "lamb": 1.0}},
-}
+# Mini-batches and a Grokfast filter, so that resume must restore the batch order and the filter state too.
+RESUMABLE = {**tiny_data(steps=3000, batch_size=24, eval_every=20, checkpoint_every=150,
+                         grad_filter={"kind": "ema", "alpha": 0.9, "lamb": 1.0}), "name": "resumable"}
 
 
 @pytest.fixture(scope="module")
@@ -143,4 +128,51 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, uninter
 def test_resume_of_a_folder_that_is_not_a_run(tmp_path):
     result = subprocess.run(lab_cmd("train", "--resume", str(tmp_path)), capture_output=True, text=True)
     assert result.returncode == 2
-    assert result.stderr.strip() == f"lab: error: {tmp_path}: nothing to resume (no resume.safetensors); is this a run folder?"
+    assert result.stderr.strip() == f"lab: error: {tmp_path}: nothing to resume (no config.json); is this a run folder?"
+
+
+def test_resume_state_is_readable_and_old_resume_files_still_resume(tmp_path):
+    """resume.safetensors says what it holds (model/, optimizer/, grad_filter/), and a file in the layout
+    before it (model., optim., filter.) resumes to the same numbers as an uninterrupted run."""
+    config = tiny(steps=40, batch_size=16, checkpoint_every=20, grad_filter={"kind": "ema", "alpha": 0.9, "lamb": 1.0})
+    Trainer(config, tmp_path / "straight", progress=False).run()
+    first_half = config.model_copy(update={"train": config.train.model_copy(update={"steps": 20})})
+    Trainer(first_half, tmp_path / "new", progress=False).run()
+
+    state = load_resume_state(tmp_path / "new")
+    assert isinstance(state, ResumeState) and state.step == 20 and state.elapsed_s >= 0
+    assert set(state.optimizer) == set(state.model) and set(state.optimizer["W_E"]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert state.grad_filter and all(key.startswith("ema.") for key in state.grad_filter)
+    tensors, meta = load_tensors(tmp_path / "new" / "resume.safetensors")
+    assert meta["step"] == "20"
+    assert {key.split("/")[0] for key in tensors} == {"model", "optimizer", "grad_filter"}
+    assert "optimizer/W_E/exp_avg" in tensors and "model/blocks.0.attn.W_Q" in tensors
+
+    shutil.copytree(tmp_path / "new", tmp_path / "old")
+    old = {f"model.{name}": t for name, t in state.model.items()}
+    old |= {f"optim.{name}.{field}": t for name, fields in state.optimizer.items() for field, t in fields.items()}
+    old |= {f"filter.{key}": t for key, t in state.grad_filter.items()}
+    save_tensors(tmp_path / "old" / "resume.safetensors", old, meta)
+    again = load_resume_state(tmp_path / "old")
+    assert (again.step, again.elapsed_s) == (state.step, state.elapsed_s)
+    for part in ("model", "grad_filter"):
+        assert getattr(again, part).keys() == getattr(state, part).keys()
+        assert all(getattr(again, part)[k].equal(t) for k, t in getattr(state, part).items())
+    assert all(again.optimizer[n][f].equal(t) for n, fields in state.optimizer.items() for f, t in fields.items())
+
+    expected = without_time(read_jsonl(tmp_path / "straight" / "metrics.jsonl"))
+    for folder in ("new", "old"):  # continue both to 40 steps
+        saved = json.loads((tmp_path / folder / "config.json").read_text())
+        saved["train"]["steps"] = 40
+        (tmp_path / folder / "config.json").write_text(json.dumps(saved))
+        Trainer.resume(tmp_path / folder, progress=False).run(resume=True)
+        assert without_time(read_jsonl(tmp_path / folder / "metrics.jsonl")) == expected, folder
+
+
+def test_a_run_stopped_after_grokking_ends_its_progress_bar_full_and_says_why(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(lab.outcomes, "GROK_ACC", 0.0)  # grokked at step 0: the run stops at the first eval >= 12
+    summary = Trainer(tiny(steps=400, eval_every=5, stop_after_grok=12), tmp_path / "run", progress=True).run()
+    assert summary["step"] == 15
+    last_frame = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "100%" in last_frame and "15/15" in last_frame, last_frame
+    assert "stopped: grokked at 0 + stop_after_grok 12" in last_frame

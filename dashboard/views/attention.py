@@ -8,7 +8,8 @@ import html
 import streamlit as st
 
 import lab
-from dashboard import common, figures
+from dashboard import background, display, downloads, loading, selection
+from lab import plots
 
 st.title("Attention")
 
@@ -19,16 +20,16 @@ def attention(_run, path: str, stamp, step: int, text: str):
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
-def grid_prefetcher(_run, path: str, steps: tuple, stamp) -> common.Prefetcher:
+def grid_prefetcher(_run, path: str, steps: tuple, stamp) -> background.Prefetcher:
     """Attention over all (a, b) at every checkpoint, computed in the background from the last step
     outwards, so that scrubbing the slider answers from memory."""
-    return common.Prefetcher(lambda step: lab.modular_attention_grid(_run, step=step),
-                             common.by_distance(list(steps), steps[-1]))
+    return background.Prefetcher(lambda step: lab.modular_attention_grid(_run, step=step),
+                                 background.by_distance(list(steps), steps[-1]))
 
 
 def modular_grid(run, step: int):
-    steps = tuple(common.checkpoint_steps(run))
-    prefetcher = grid_prefetcher(run, str(run.path), steps, common.checkpoint_stamp(run, steps[-1]))
+    steps = tuple(loading.checkpoint_steps(run))
+    prefetcher = grid_prefetcher(run, str(run.path), steps, loading.checkpoint_stamp(run, steps[-1]))
     grid = prefetcher.get(step)
     if grid is None:  # not reached by the background thread yet
         with st.spinner("Running the model on all (a, b)…"):
@@ -60,7 +61,7 @@ def cls_highlight(pattern, tokens: list[str]) -> str:
 def inputs(run):
     """The checkpoint and the text to run (from the typed sentence, or from a and b)."""
     task = run.task
-    step = common.pick_step(run, key="attn_step")
+    step = selection.pick_step(run, key="attn_step")
     if step is None:
         return None, None
     if task.name == "modular":
@@ -77,7 +78,7 @@ def inputs(run):
 
 def patterns(run, step: int, text: str, figs: dict) -> None:
     task = run.task
-    result = attention(run, str(run.path), common.checkpoint_stamp(run, step), step, text)
+    result = attention(run, str(run.path), loading.checkpoint_stamp(run, step), step, text)
     answer = task.label_names[task.label(result.token_ids)]
     cols = st.columns(3)
     cols[0].metric("Prediction", result.prediction)
@@ -85,9 +86,19 @@ def patterns(run, step: int, text: str, figs: dict) -> None:
     right = answer == result.prediction
     cols[2].metric("Correct answer", answer, delta="model is right" if right else "model is wrong",
                    delta_color="green" if right else "red", delta_arrow="off")
-    figs["attention"] = figures.attention_grid_figure(
-        result.pattern, result.tokens, title=f"{run.name}, step {step}: attention per head (rows: queries, columns: keys)")
-    common.chart(figs["attention"], key="attn_heatmaps")
+    figs["attention"] = plots.attention_figure(result, run.name)
+    if len(result.tokens) <= plots.LONG_INPUT:
+        display.chart(figs["attention"], key="attn_heatmaps")
+    else:  # a long input: first the one row that decides the answer, readable, then the whole grid
+        figs["read position"] = plots.read_attention_figure(result, task.read_position, run.name)
+        display.chart(figs["read position"], key="attn_read_strip")
+        n = len(result.tokens)
+        st.caption(f"{n} positions" + (f": the strip shows {plots.STRIP_WINDOW} at a time (drag the slider under "
+                                       "it to move along)" if n > plots.STRIP_WINDOW else "")
+                   + ". Below, every head's full grid, one per row, in a scrollable box; drag a rectangle on a grid "
+                   "to zoom into it, double-click to zoom out.")
+        with st.container(height=720):
+            display.chart(figs["attention"], key="attn_heatmaps")
     if task.name == "a_and_b":
         st.subheader("What the classification token reads")
         st.caption("Each character shaded by the attention <cls> puts on it: white 0, full orange 1 (square-root "
@@ -100,22 +111,22 @@ def pairs_grid(run, step: int, figs: dict) -> None:
     st.subheader("Attention from `=` to `a` over all (a, b)")
     st.caption("Rows a, columns b. A head that reads a and b through Fourier features shows periodic stripes "
                "(Nanda et al. 2023); scrub the checkpoint slider to watch them form.")
-    figs["attention over all pairs"] = figures.modular_grid_figure(grid, title=f"{run.name}, step {step}: attention = → a")
-    common.chart(figs["attention over all pairs"], key="attn_modular_grid")
+    figs["attention over all pairs"] = plots.modular_attention_figure(grid, run.name, step)
+    display.chart(figs["attention over all pairs"], key="attn_modular_grid")
 
 
-run = common.pick_run("Run", key="attn_run")
+run = selection.pick_run("Run", key="attn_run")
 if run is None:
     st.stop()
 step = text = None
-with common.guard(run.name):
+with display.guard(run.name):
     step, text = inputs(run)
 if step is None:
     st.stop()
 figs: dict = {}
-with common.guard():  # bad text: the task's one-line ValueError, shown as an error, never a traceback
+with display.guard():  # bad text: the task's one-line ValueError, shown as an error, never a traceback
     patterns(run, step, text, figs)
 if run.task.name == "modular":
-    with common.guard(run.name):
+    with display.guard(run.name):
         pairs_grid(run, step, figs)
-common.download_figures(figs, "Attention")
+downloads.download_figures(figs, "Attention")

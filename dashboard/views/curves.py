@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import common, figures
+from dashboard import display, downloads, loading, selection, state
+from lab import plots
 
 st.title("Curves")
-paths = common.selected_paths()
+paths = selection.selected_paths()
 if not paths:
-    if st.session_state["_rows"].empty:
-        common.no_runs_message()
+    if state.rows().empty:
+        selection.no_runs_message()
     else:
         st.info("Select one or more runs in the sidebar (or on the Runs page).")
     st.stop()
@@ -22,30 +23,30 @@ log_y_acc = cols[2].toggle("log y (accuracy)", value=False, key="curves_log_y_ac
 smoothing = cols[3].slider("Smoothing (debiased EMA, as in TensorBoard)", 0.0, 0.99, 0.0, 0.01, key="curves_smoothing")
 
 
-@st.fragment(run_every=common.live_interval(paths))
+@st.fragment(run_every=selection.live_interval(paths))
 def curves() -> None:
     metrics, events = {}, {}
     for name, path in paths.items():
-        with common.guard(name):
-            df = common.get_metrics(path)
-            events[name] = common.summary(common.get_run(path))
+        with display.guard(name):
+            df = loading.get_metrics(path)
+            events[name] = loading.summary(loading.get_run(path))
             if df.empty:
                 st.info(f"{name}: no metrics yet (training writes the first row at step 0).")
                 continue
             metrics[name] = df
     if not metrics:
         return
-    colors = figures.run_colors(metrics)
+    colors = plots.run_colors(metrics)
     figs = {
-        "loss": figures.curves_figure(metrics, "loss", log_x=log_x, log_y=log_y_loss, smoothing=smoothing,
+        "loss": plots.curves_figure(metrics, "loss", log_x=log_x, log_y=log_y_loss, smoothing=smoothing,
                                       events=events, colors=colors),
-        "accuracy": figures.curves_figure(metrics, "accuracy", log_x=log_x, log_y=log_y_acc, smoothing=smoothing,
+        "accuracy": plots.curves_figure(metrics, "accuracy", log_x=log_x, log_y=log_y_acc, smoothing=smoothing,
                                           events=events, colors=colors),
-        "weight norm": figures.weight_norm_figure(metrics, log_x=log_x, colors=colors),
+        "weight norm": plots.weight_norm_figure(metrics, log_x=log_x, colors=colors),
     }
-    common.chart(figs["loss"], key="curves_loss")
-    common.chart(figs["accuracy"], key="curves_accuracy")
-    common.chart(figs["weight norm"], key="curves_weight_norm")
+    display.chart(figs["loss"], key="curves_loss")
+    display.chart(figs["accuracy"], key="curves_accuracy")
+    display.chart(figs["weight norm"], key="curves_weight_norm")
     lines = []
     for name, ev in events.items():
         lines.append(f"**{name}**: {ev.get('status', '?')}, memorized at {ev.get('memorize_step') or '—'}, "
@@ -56,4 +57,4 @@ def curves() -> None:
 
 
 curves()
-common.download_figures(st.session_state.get("_curves_figures", {}), "Curves")
+downloads.download_figures(st.session_state.get("_curves_figures", {}), "Curves")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import streamlit as st
 
 import lab
-from dashboard import common, figures
+from dashboard import background, display, downloads, loading, selection
+from lab import plots
 
 st.title("Progress measures")
 st.caption("Nanda et al. 2023: the model learns a few key frequencies; restricted loss (only those) falls before "
@@ -15,8 +16,8 @@ st.caption("Nanda et al. 2023: the model learns a few key frequencies; restricte
 
 def _stamp(run) -> tuple:
     """Changes when a checkpoint is added or rewritten (the measures are computed over all of them)."""
-    steps = common.checkpoint_steps(run)
-    return tuple(steps), common.checkpoint_stamp(run, steps[-1]) if steps else None
+    steps = loading.checkpoint_steps(run)
+    return tuple(steps), loading.checkpoint_stamp(run, steps[-1]) if steps else None
 
 
 @st.cache_data(show_spinner="Computing progress measures over every checkpoint (cached in the run folder)…",
@@ -25,36 +26,52 @@ def measures(_run, path: str, stamp):
     return lab.progress_measures(_run, progress=False)
 
 
-@st.cache_data(show_spinner=False, max_entries=256)
-def fourier(_run, path: str, stamp, step: int):
-    return lab.fourier_norms(_run, step=step), lab.key_frequencies(_run, step=step)
+def _fourier(run, step: int):
+    return lab.fourier_norms(run, step=step), lab.key_frequencies(run, step=step)
 
 
-run = common.pick_run("Run", task="modular", key="progress_run")
+@st.cache_resource(show_spinner=False, max_entries=8)
+def fourier_prefetcher(_run, path: str, stamp) -> background.Prefetcher:
+    """The Fourier norms and key frequencies at every checkpoint, computed in the background from the
+    last step outwards, so that scrubbing the slider answers from memory."""
+    steps = list(stamp[0])
+    return background.Prefetcher(lambda step: _fourier(_run, step), background.by_distance(steps, steps[-1]))
+
+
+def fourier(run, step: int):
+    prefetcher = fourier_prefetcher(run, str(run.path), _stamp(run))
+    result = prefetcher.get(step)
+    if result is None:  # not reached by the background thread yet
+        result = _fourier(run, step)
+        prefetcher.put(step, result)
+    return result
+
+
+run = selection.pick_run("Run", task="modular", key="progress_run")
 if run is None:
     st.stop()
 figs: dict = {}
-with common.guard(run.name):
-    if not common.checkpoint_steps(run):
-        raise common.PageError("no checkpoint yet; progress measures appear once training has saved one")
+with display.guard(run.name):
+    if not loading.checkpoint_steps(run):
+        raise display.PageError("no checkpoint yet; progress measures appear once training has saved one")
     df = measures(run, str(run.path), _stamp(run))
     log_x = st.toggle("log x", value=False, key="progress_log_x")
-    figs["losses"] = figures.progress_losses_figure(df, log_x=log_x)
-    figs["gini and weights"] = figures.progress_measures_figure(df, log_x=log_x)
-    common.chart(figs["losses"], key="progress_losses")
-    common.chart(figs["gini and weights"], key="progress_gini")
+    figs["losses"] = plots.progress_losses_figure(df, log_x=log_x)
+    figs["gini and weights"] = plots.progress_measures_figure(df, log_x=log_x)
+    display.chart(figs["losses"], key="progress_losses")
+    display.chart(figs["gini and weights"], key="progress_gini")
 
     st.subheader("Fourier basis at a checkpoint")
-    step = common.pick_step(run, key="progress_step")
+    step = selection.pick_step(run, key="progress_step")
     if step is not None:
-        norms, keys = fourier(run, str(run.path), common.checkpoint_stamp(run, step), step)
-        figs["fourier norms"] = figures.fourier_norms_figure(norms, keys["frequency"], step=step)
-        common.chart(figs["fourier norms"], key="progress_fourier")
+        norms, keys = fourier(run, step)
+        figs["fourier norms"] = plots.fourier_norms_figure(norms, keys["frequency"], step=step)
+        display.chart(figs["fourier norms"], key="progress_fourier")
         if keys.empty:
             st.info("No key frequencies yet at this step.")
         else:
-            figs["key frequencies"] = figures.key_frequencies_figure(keys, step=step)
-            common.chart(figs["key frequencies"], key="progress_keys")
+            figs["key frequencies"] = plots.key_frequencies_figure(keys, step=step)
+            display.chart(figs["key frequencies"], key="progress_keys")
     with st.expander("Table of the measures"):
         st.dataframe(df, hide_index=True)
-common.download_figures(figs, "Progress measures")
+downloads.download_figures(figs, "Progress measures")

@@ -4,46 +4,61 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import common, figures
+from dashboard import display, downloads, loading, selection, state
+from lab import plots
 
 st.title("Runs")
 
+MISSING = "—"  # shown for a value the run's task does not have (a_and_b has no p, operator or train fraction)
+
+
+def _hidden(column: dict) -> dict:
+    """A column left out at first; the table's column menu (top right) shows it."""
+    return {**column, "hidden": True}
+
+
+# Widths in pixels, so that every column fits beside the sidebar on a laptop screen (1366 px).
 COLUMNS = {
-    "name": st.column_config.TextColumn("run"),
-    "task": st.column_config.TextColumn("task"),
-    "p": st.column_config.NumberColumn("p", format="%d"),
-    "operator": st.column_config.TextColumn("op"),
-    "train_frac": st.column_config.NumberColumn("train frac", format="%.2f"),
-    "weight_decay": st.column_config.NumberColumn("weight decay", format="%g"),
-    "lr": st.column_config.NumberColumn("lr", format="%g"),
-    "layers": st.column_config.NumberColumn("layers", format="%d"),
-    "heads": st.column_config.NumberColumn("heads", format="%d"),
-    "status": st.column_config.TextColumn("status"),
-    "step": st.column_config.NumberColumn("step", format="%d"),
-    "steps": st.column_config.NumberColumn("of", format="%d"),
-    "memorize_step": st.column_config.NumberColumn("memorized at", format="%d"),
-    "grok_step": st.column_config.NumberColumn("grokked at", format="%d"),
-    "train_acc": st.column_config.NumberColumn("train acc", format="%.4f"),
-    "test_acc": st.column_config.NumberColumn("test acc", format="%.4f"),
-    "updated_at": st.column_config.DatetimeColumn("updated (UTC)", format="YYYY-MM-DD HH:mm:ss"),
-    "error": st.column_config.TextColumn("problem"),
+    "name": st.column_config.TextColumn("run", width=116),
+    "task": st.column_config.TextColumn("task", width=64),
+    "arch": _hidden(st.column_config.TextColumn("arch", width=60, help="model.arch: transformer, mlp, cnn or linear")),
+    "n_params": _hidden(st.column_config.NumberColumn("params", format="%d", width=60, help="trained parameters")),
+    "p": st.column_config.NumberColumn("p", format="%d", width=38),
+    "operator": st.column_config.TextColumn("op", width=38),
+    "train_frac": st.column_config.NumberColumn("frac", format="%.2f", width=46, help="training fraction"),
+    "weight_decay": st.column_config.NumberColumn("wd", format="%g", width=44, help="weight decay"),
+    "lr": st.column_config.NumberColumn("lr", format="%g", width=52, help="learning rate"),
+    "layers": _hidden(st.column_config.NumberColumn("layers", format="%d", width=52)),
+    "heads": _hidden(st.column_config.NumberColumn("heads", format="%d", width=52)),
+    "status": st.column_config.TextColumn("status", width=66),
+    "step": st.column_config.NumberColumn("step", format="%d", width=52, help="the last step trained"),
+    "steps": _hidden(st.column_config.NumberColumn("of", format="%d", width=52, help="steps planned")),
+    "memorize_step": st.column_config.NumberColumn("mem. at", format="%d", width=60,
+                                                   help="first step with train accuracy >= 99%"),
+    "grok_step": st.column_config.NumberColumn("grok at", format="%d", width=60,
+                                               help="first step with test accuracy >= 99%"),
+    "train_acc": st.column_config.NumberColumn("train", format="%.3f", width=56, help="train accuracy"),
+    "test_acc": st.column_config.NumberColumn("test", format="%.3f", width=56, help="test accuracy"),
+    "updated_at": st.column_config.DatetimeColumn("updated", format="distance", width=124,
+                                                  help="when the run last wrote its summary"),
+    "error": st.column_config.TextColumn("problem", width=240),
 }
 
 
 def _on_select() -> None:
     names = st.session_state.get("_table_names", [])
     rows = st.session_state["runs_table"].selection.rows
-    st.session_state[common.SELECTED] = [names[i] for i in rows if i < len(names)]
-    st.session_state["_selection_touched"] = True
+    st.session_state[state.SELECTED] = [names[i] for i in rows if i < len(names)]
+    st.session_state[state.SELECTION_TOUCHED] = True
 
 
-rows = st.session_state["_rows"]
+rows = state.rows()
 if rows.empty:
-    common.no_runs_message()
+    selection.no_runs_message()
 
-    @st.fragment(run_every=common.LIVE_REFRESH_S)
+    @st.fragment(run_every=selection.LIVE_REFRESH_S)
     def _wait_for_runs() -> None:
-        if common.list_runs():
+        if loading.list_runs():
             st.rerun()  # the first run appeared: draw the whole page
 
     _wait_for_runs()
@@ -55,10 +70,10 @@ tasks = cols[1].multiselect("Task", sorted(t for t in rows["task"].dropna().uniq
 statuses = cols[2].multiselect("Status", sorted(rows["status"].dropna().unique()), key="runs_status")
 
 
-@st.fragment(run_every=common.live_interval())
+@st.fragment(run_every=selection.live_interval())
 def runs_table() -> None:
-    table = common.run_rows()
-    st.session_state["_rows"] = table
+    table = loading.run_rows()
+    st.session_state[state.ROWS] = table
     if query:
         table = table[table["name"].str.contains(query, case=False, regex=False)]
     if tasks:
@@ -68,34 +83,34 @@ def runs_table() -> None:
     table = table.reset_index(drop=True)
     st.session_state["_table_names"] = list(table["name"])
     shown = [c for c in COLUMNS if c != "error" or table["error"].notna().any()]
-    st.dataframe(table[shown], column_config=COLUMNS, hide_index=True, key="runs_table",
+    st.dataframe(table[shown], column_config=COLUMNS, hide_index=True, key="runs_table", placeholder=MISSING,
                  on_select=_on_select, selection_mode="multi-row", width="stretch")
     n_running = int((table["status"] == "running").sum())
-    st.caption(f"{len(table)} of {len(st.session_state['_rows'])} runs shown. Click a header to sort; tick rows to select "
+    st.caption(f"{len(table)} of {len(state.rows())} runs shown. Click a header to sort; tick rows to select "
                "runs (the selection is in the sidebar and carries to every page)."
-               + (f" {n_running} still training: this table refreshes every {common.LIVE_REFRESH_S:g} s." if n_running else ""))
+               + (f" {n_running} still training: this table refreshes every {selection.LIVE_REFRESH_S:g} s." if n_running else ""))
 
 
 runs_table()
 
 st.subheader("Grokking curves of the selected runs")
-paths = common.selected_paths()
+paths = selection.selected_paths()
 
 
-@st.fragment(run_every=common.live_interval(paths))
+@st.fragment(run_every=selection.live_interval(paths))
 def overview() -> None:
     if not paths:
         st.info("Select runs (tick rows above, or in the sidebar) to see their curves.")
         return
     metrics, events = {}, {}
     for name, path in paths.items():
-        with common.guard(name):
-            metrics[name] = common.get_metrics(path)
-            events[name] = common.summary(common.get_run(path))
-    fig = figures.curves_figure(metrics, "accuracy", log_x=True, log_y=False, events=events)
-    common.chart(fig, key="runs_overview")
+        with display.guard(name):
+            metrics[name] = loading.get_metrics(path)
+            events[name] = loading.summary(loading.get_run(path))
+    fig = plots.curves_figure(metrics, "accuracy", log_x=True, log_y=False, events=events)
+    display.chart(fig, key="runs_overview")
     st.session_state["_runs_figures"] = {"accuracy": fig}
 
 
 overview()
-common.download_figures(st.session_state.get("_runs_figures", {}), "Runs")
+downloads.download_figures(st.session_state.get("_runs_figures", {}), "Runs")

@@ -3,16 +3,44 @@
 `method="zero"` sets the component's output to zero; `method="mean"` replaces it, at every
 position, by its mean over the split (padding excluded), which keeps the average signal and
 removes only what depends on the input.
+
+How it is computed, and why it is fast. Only the logits at the task's read position count, so the
+last block runs at that position alone (its query; keys and values at every position), as
+`Transformer.forward_at` does for training. A head of the last block changes the output only
+through its `z` at the read position, and attention's output is a sum over heads through W_O, so
+every "one head ablated" variant is the same `z` with one head's slice replaced: all variants go
+through the rest of the block (MLP, unembedding) together, in one batched pass, after a single
+forward over the split. A head of an earlier layer changes every later position, so each of those
+is a forward of the earlier blocks with that head's `hook_z` patched (positions all kept), followed
+by the same read-position-only last block. The numbers equal the plain `run_with_hooks` forward up
+to float rounding (tests/test_probe.py checks it against that reference).
+
+Results for a Run are cached per checkpoint in `RUN/analysis/heads/step_<step>.json`, keyed on the
+checkpoint file's size and modification time (so a rewritten checkpoint is recomputed), written
+atomically; `precompute_heads(run)` (lab/analysis/heads.py) fills the cache for every checkpoint.
 """
 
 from __future__ import annotations
 
-import torch
+import copy
+import dataclasses
+import json
+import math
+import threading
+import warnings
+from dataclasses import dataclass
 
-from lab.probe import Target, batches, resolve_target
+import torch
+from einops import einsum
+
+from lab import storage
+from lab.prediction import integer_list
+from lab.architectures import require_attention
+from lab.probe import Target, resolve_target
 
 METHODS = ("zero", "mean")
 SPLITS = ("train", "test")
+ROWS_FLOATS = 1 << 24  # per chunk: rows * positions * width of the widest per-position activation
 
 
 def _check(split: str, method: str) -> None:
@@ -22,103 +50,462 @@ def _check(split: str, method: str) -> None:
         raise ValueError(f"unknown split {split!r}; valid: {', '.join(map(repr, SPLITS))}")
 
 
-def _token_mask(target: Target, tokens: torch.Tensor) -> torch.Tensor:
+# --- per-checkpoint cache in the run folder --------------------------------------------------------
+# One JSON file per checkpoint: {"version", "fingerprint": [size, mtime_ns], "entries": {key: value}}.
+# A lookup needs no model and no data (only a stat of the checkpoint), so a cached answer costs
+# milliseconds. Two writers (the dashboard's background thread, `lab demo`) may race: writes are
+# atomic and a lost entry is recomputed later; a lock keeps one process's writers in order.
+
+CACHE_VERSION = 1
+CACHE_DIR = "analysis/heads"
+_CACHE_LOCK = threading.Lock()
+
+
+def _cache_path(run, step: int):
+    return run.path / CACHE_DIR / f"step_{step:06d}.json"
+
+
+def _fingerprint(run, step: int) -> list[int] | None:
+    try:
+        stat = storage.checkpoint_path(run.path, step).stat()
+    except OSError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def _read_entries(run, step: int, fingerprint) -> dict:
+    try:
+        cache = json.loads(_cache_path(run, step).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(cache, dict) or cache.get("version") != CACHE_VERSION or cache.get("fingerprint") != fingerprint:
+        return {}
+    entries = cache.get("entries")
+    return entries if isinstance(entries, dict) else {}
+
+
+def cached(run, step: int | None, key: str, compute):
+    """The value stored under `key` for checkpoint `step` of `run` in the run folder's per-checkpoint cache;
+    on a miss `compute()` returns {key: value, ...}: every entry it computed in the same pass is stored
+    (values JSON-able). Unwritable folders only warn."""
+    step = run.resolve_step(step)
+    fingerprint = _fingerprint(run, step)
+    if fingerprint is not None:
+        entries = _read_entries(run, step, fingerprint)
+        if key in entries:
+            return entries[key]
+    computed = compute()
+    if fingerprint is None or _fingerprint(run, step) != fingerprint:
+        return computed[key]  # the checkpoint changed while we computed: do not store a stale answer under its stamp
+    path = _cache_path(run, step)
+    with _CACHE_LOCK:
+        entries = _read_entries(run, step, fingerprint)  # another writer may have added entries meanwhile
+        entries.update(computed)
+        try:
+            storage.atomic_write_json(path, {"version": CACHE_VERSION, "fingerprint": fingerprint, "entries": entries})
+        except OSError as err:
+            warnings.warn(f"{path}: could not store the head analysis ({err}); it was computed but not cached")
+    return computed[key]
+
+
+def is_cached(run, step: int, key: str) -> bool:
+    """True if `key` is stored for checkpoint `step` (and the checkpoint is unchanged since)."""
+    fingerprint = _fingerprint(run, step)
+    return fingerprint is not None and key in _read_entries(run, step, fingerprint)
+
+
+def private_target(run_or_model, step: int | None = None, task=None) -> Target:
+    """`resolve_target` with a private copy of the model (milliseconds for these models). The analyses attach
+    hooks to it; a model shared with another thread (the dashboard computes in the background while the
+    page runs `lab.attention`) must neither see those hooks nor pass its own hooks' effects on to ours."""
+    target = resolve_target(run_or_model, step, task)
+    return dataclasses.replace(target, model=copy.deepcopy(target.model))
+
+
+# --- the forward pass, read position only in the last block -----------------------------------------
+
+
+def _key_padding(model, tokens: torch.Tensor) -> torch.Tensor | None:
+    """(batch, pos) True on padding keys, or None when the chunk has none (as `Transformer.forward` decides)."""
+    if model.cfg.pad_token_id is None:
+        return None
+    padding = tokens == model.cfg.pad_token_id
+    return padding if padding.any() else None
+
+
+@dataclass
+class ReadPosition:
+    """What the last block sees at the read position, for a chunk of inputs.
+
+    `resid` (batch, d_model): the residual stream entering the last block there; `z` (batch, head, d_head):
+    each last-block head's output there; `pattern` (batch, head, key): the last block's attention row
+    there (zero on keys a causal query cannot see)."""
+
+    resid: torch.Tensor
+    z: torch.Tensor
+    pattern: torch.Tensor
+
+
+def read_position(model, tokens: torch.Tensor, position: int) -> ReadPosition:
+    """Run the earlier blocks over every position (any hooks attached to them apply), then the last block's
+    attention for the query at `position` only. tokens: (batch, pos)."""
+    n_pos = tokens.shape[1]
+    pos = position % n_pos
+    key_padding = _key_padding(model, tokens)
+    if len(model.blocks) == 1:
+        return _one_layer_read_position(model, tokens, pos, key_padding)
+    resid = model.W_E[tokens]  # (batch, pos, d_model)
+    if model.W_pos is not None:
+        resid = resid + model.W_pos[:n_pos]
+    for block in model.blocks[:-1]:
+        resid = block(resid, key_padding)
+    last = model.blocks[-1]
+    attn = last.attn
+    n_keys = pos + 1 if attn.causal else n_pos  # a causal query never sees later keys
+    x = last.ln1(resid[:, :n_keys])  # (batch, key, d_model)
+    q = einsum(x[:, pos], attn.W_Q, "batch d_model, head d_model d_head -> batch head d_head") + attn.b_Q
+    k = einsum(x, attn.W_K, "batch key d_model, head d_model d_head -> batch key head d_head") + attn.b_K
+    v = einsum(x, attn.W_V, "batch key d_model, head d_model d_head -> batch key head d_head") + attn.b_V
+    scores = einsum(q, k, "batch head d_head, batch key head d_head -> batch head key") / math.sqrt(q.shape[-1])
+    if key_padding is not None:
+        scores = scores.masked_fill(key_padding[:, None, :n_keys], float("-inf"))
+    pattern = scores.softmax(dim=-1)  # (batch, head, key)
+    z = einsum(pattern, v, "batch head key, batch key head d_head -> batch head d_head")
+    if n_keys < n_pos:
+        pattern = torch.nn.functional.pad(pattern, (0, n_pos - n_keys))
+    return ReadPosition(resid[:, pos], z, pattern)
+
+
+def _one_layer_read_position(model, tokens: torch.Tensor, pos: int, key_padding) -> ReadPosition:
+    """`read_position` for a one-layer model, where the attention's input at a position is a function of the
+    (position, token) pair alone (its embedding, LayerNorm'd): LayerNorm, queries, keys and values are
+    computed once per pair in a table (vocab rows, times positions if the model has positional embeddings),
+    scores are looked up in it, and each head's z is its pattern summed per table row times that row's
+    value. For a_and_b's 257-character test strings that is ~29 table rows instead of 2048 x 257 keys."""
+    attn, ln1 = model.blocks[0].attn, model.blocks[0].ln1
+    batch, n_pos = tokens.shape
+    n_keys = pos + 1 if attn.causal else n_pos
+    vocab = model.W_E.shape[0]
+    if model.W_pos is None:
+        embed = model.W_E  # (row = token, d_model)
+        ids = tokens[:, :n_keys]  # (batch, key): each key's table row
+    else:
+        embed = (model.W_pos[:n_keys, None] + model.W_E[None]).reshape(n_keys * vocab, -1)  # (row = pos * vocab + token, d_model)
+        ids = tokens[:, :n_keys] + torch.arange(n_keys, device=tokens.device) * vocab
+    x = ln1(embed)
+    q_table = einsum(x, attn.W_Q, "row d_model, head d_model d_head -> row head d_head") + attn.b_Q
+    k_table = einsum(x, attn.W_K, "row d_model, head d_model d_head -> row head d_head") + attn.b_K
+    v_table = einsum(x, attn.W_V, "row d_model, head d_model d_head -> row head d_head") + attn.b_V
+    q = q_table[ids[:, pos]]  # (batch, head, d_head)
+    row_scores = einsum(q, k_table, "batch head d_head, row head d_head -> batch head row") / math.sqrt(q.shape[-1])
+    scores = row_scores.gather(-1, ids[:, None, :].expand(batch, q.shape[1], n_keys))  # (batch, head, key)
+    if key_padding is not None:
+        scores = scores.masked_fill(key_padding[:, None, :n_keys], float("-inf"))
+    pattern = scores.softmax(dim=-1)  # (batch, head, key)
+    row_weights = torch.zeros_like(row_scores).scatter_add_(-1, ids[:, None, :].expand_as(pattern), pattern)
+    z = einsum(row_weights, v_table, "batch head row, row head d_head -> batch head d_head")
+    if n_keys < n_pos:
+        pattern = torch.nn.functional.pad(pattern, (0, n_pos - n_keys))
+    return ReadPosition(embed[ids[:, pos]], z, pattern)
+
+
+def logits_from_z(model, resid: torch.Tensor, z: torch.Tensor, neuron_patch=None) -> torch.Tensor:
+    """The rest of the last block at the read position: resid (..., d_model) + z (..., head, d_head) through
+    W_O, then the MLP and the unembedding -> logits (..., vocab). `neuron_patch(post)` may rewrite the
+    MLP's `hook_post` (..., d_mlp)."""
+    last = model.blocks[-1]
+    attn_out = einsum(z, last.attn.W_O, "... head d_head, head d_head d_model -> ... d_model") + last.attn.b_O
+    resid = resid + attn_out
+    if last.mlp is not None:
+        mlp = last.mlp
+        post = mlp.act_fn(last.ln2(resid) @ mlp.W_in + mlp.b_in)  # (..., d_mlp)
+        if neuron_patch is not None:
+            post = neuron_patch(post)
+        resid = resid + post @ mlp.W_out + mlp.b_out
+    return model.ln_final(resid) @ model.W_U + model.b_U
+
+
+def _chunks(model, tokens: torch.Tensor):
+    """(start, chunk) pairs small enough for the widest activation: full attention patterns in an earlier
+    layer, or keys/values/LayerNorm over every position in the last."""
+    cfg = model.cfg
+    n_pos = tokens.shape[1]
+    per_row = n_pos * max(4 * cfg.d_model, 3 * cfg.n_heads * cfg.d_head)
+    if cfg.n_layers > 1:
+        per_row = max(per_row, cfg.n_heads * n_pos * n_pos)
+    size = max(1, ROWS_FLOATS // per_row)
+    for start in range(0, tokens.shape[0], size):
+        yield start, tokens[start : start + size]
+
+
+def _score(target: Target, logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """(mean loss, accuracy) of (batch, vocab) logits, the loss in float64 as in training's evaluation."""
+    from lab.losses import task_loss
+
+    loss = task_loss(logits, labels, target.loss_kind, torch.float64).item()
+    return loss, (logits.argmax(-1) == labels).double().mean().item()
+
+
+def _real(target: Target, tokens: torch.Tensor) -> torch.Tensor:
     """(batch, pos) float: 1 on real tokens, 0 on padding."""
     if target.task.pad_token_id is None:
         return torch.ones(tokens.shape, dtype=torch.float32)
     return (tokens != target.task.pad_token_id).float()
 
 
-@torch.no_grad()
-def _position_means(target: Target, tokens: torch.Tensor, hook_name: str) -> torch.Tensor:
-    """Mean of a hook's activation over the batch at each position, padding excluded: (pos, ...)."""
-    model = target.model
-    total = count = None
-    for _, chunk in batches(tokens, model.cfg.n_heads):
-        _, cache = model.run_with_cache(chunk.to(model.device), names_filter=lambda name: name == hook_name)
-        act = cache[hook_name].float().cpu()  # (batch, pos, ...)
-        mask = _token_mask(target, chunk).reshape(*chunk.shape, *([1] * (act.ndim - 2)))
-        part, n = (act * mask).sum(0), mask.sum(0)
-        total, count = (part, n) if total is None else (total + part, count + n)
-    return total / count.clamp(min=1)
+@dataclass
+class CleanPass:
+    """One forward over a split, nothing ablated: `read` (ReadPosition of every input, on CPU);
+    `patterns` (batch, layer, head, key): every layer's attention row at the read position; `z_means`
+    {earlier layer: (pos, head, d_head)}: per-position means of hook_z, padding excluded."""
+
+    read: ReadPosition
+    patterns: torch.Tensor
+    z_means: dict
 
 
 @torch.no_grad()
-def _evaluate(target: Target, tokens: torch.Tensor, labels: torch.Tensor, hooks: list) -> tuple[float, float]:
-    """(mean loss, accuracy) on the read position, with the given forward hooks applied."""
-    from lab.recipes import task_loss
-
+def clean_pass(target: Target, tokens: torch.Tensor) -> CleanPass:
+    """The one forward every head analysis of a split starts from (see CleanPass)."""
     model = target.model
-    loss_sum, correct = 0.0, 0
-    for start, chunk in batches(tokens, model.cfg.n_heads):
-        target_labels = labels[start : start + len(chunk)].to(model.device)
-        logits = model.run_with_hooks(chunk.to(model.device), fwd_hooks=hooks)[:, target.task.read_position]
-        loss_sum += task_loss(logits, target_labels, target.loss_kind, torch.float64).item() * len(chunk)
-        correct += (logits.argmax(-1) == target_labels).sum().item()
-    return loss_sum / len(tokens), correct / len(tokens)
+    read_at = target.task.read_position
+    pieces, rows, sums, counts = [], [], {}, {}
+    for _, chunk in _chunks(model, tokens):
+        z_acts, pattern_rows = {}, {}
+        hooks = []
+        for layer in range(model.cfg.n_layers - 1):
+            hooks.append((f"blocks.{layer}.attn.hook_z", lambda act, hook, layer=layer: z_acts.__setitem__(layer, act)))
+            hooks.append((f"blocks.{layer}.attn.hook_pattern",
+                          lambda act, hook, layer=layer: pattern_rows.__setitem__(layer, act[:, :, read_at])))
+        with model.hooks(fwd_hooks=hooks):
+            piece = read_position(model, chunk.to(model.device), read_at)
+        pieces.append(ReadPosition(piece.resid.cpu(), piece.z.cpu(), piece.pattern.cpu()))
+        rows.append(torch.stack([pattern_rows[layer].cpu() for layer in sorted(pattern_rows)] + [pieces[-1].pattern], 1))
+        real = _real(target, chunk)[:, :, None, None]  # (batch, pos, 1, 1)
+        for layer, act in z_acts.items():
+            part, n = (act.float().cpu() * real).sum(0), real.sum(0)
+            sums[layer] = part if layer not in sums else sums[layer] + part
+            counts[layer] = n if layer not in counts else counts[layer] + n
+    read = ReadPosition(*(torch.cat([getattr(p, name) for p in pieces]) for name in ("resid", "z", "pattern")))
+    return CleanPass(read, torch.cat(rows), {layer: sums[layer] / counts[layer].clamp(min=1) for layer in sums})
 
 
-def _replace_hook(index, value):
-    """A forward hook that overwrites `act[index]` with `value`: 0, or a (pos, ...) mean per position."""
+def _read_mean(target: Target, tokens: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Mean over the inputs of values (batch, ...) at the read position, inputs whose read token is padding excluded."""
+    real = _real(target, tokens)[:, target.task.read_position].reshape(-1, *([1] * (values.ndim - 1)))
+    return (values.float() * real).sum(0) / real.sum(0).clamp(min=1)
 
-    def hook(act, hook):
-        act = act.clone()
-        if isinstance(value, torch.Tensor):
-            mean = value[: act.shape[1]].to(act.device, act.dtype)  # the positions this batch has
-            act[index] = mean.expand(act.shape[0], *mean.shape)[index]
-        else:
-            act[index] = value
+
+@torch.no_grad()
+def _last_layer_variants(model, clean: ReadPosition, means: torch.Tensor | None) -> torch.Tensor:
+    """z for "none" and each last-layer head ablated: (1 + head, batch, head, d_head)."""
+    n_heads = clean.z.shape[1]
+    variants = clean.z[None].repeat(1 + n_heads, 1, 1, 1)
+    for head in range(n_heads):
+        variants[1 + head, :, head] = 0.0 if means is None else means[head].to(variants.dtype)
+    return variants
+
+
+@torch.no_grad()
+def _earlier_layer_logits(target: Target, tokens: torch.Tensor, layer: int, head: int, mean) -> torch.Tensor:
+    """Logits (batch, vocab) with head `head` of an earlier layer zeroed or set to its per-position mean."""
+    model = target.model
+
+    def patch(act, hook):
+        act = act.clone()  # (batch, pos, head, d_head)
+        act[:, :, head] = 0.0 if mean is None else mean[: act.shape[1], head].to(act.device, act.dtype)
         return act
 
-    return hook
+    logits = []
+    for _, chunk in _chunks(model, tokens):
+        with model.hooks(fwd_hooks=[(f"blocks.{layer}.attn.hook_z", patch)]):
+            piece = read_position(model, chunk.to(model.device), target.task.read_position)
+        logits.append(logits_from_z(model, piece.resid, piece.z).cpu())
+    return torch.cat(logits)
 
 
-def ablate_heads(run_or_model, split: str = "test", method: str = "zero", step: int | None = None, task=None):
-    """One row per attention head (and one for "none"): the loss and accuracy on `split` with that head's
-    output (its `hook_z`) zeroed or mean-replaced. Columns: component ("none", "L0H0", ...), layer, head,
-    loss, accuracy, delta_loss, delta_accuracy (relative to "none")."""
+def _logits_in_rows(model, resid: torch.Tensor, z: torch.Tensor, neuron_patch=None) -> torch.Tensor:
+    """logits_from_z over (variant, batch, ...) in row chunks (the MLP's d_mlp can be wide)."""
+    size = max(1, ROWS_FLOATS // max(model.cfg.d_mlp or 0, model.cfg.d_model, model.cfg.d_vocab_out))
+    out = []
+    for start in range(0, resid.shape[-2], size):
+        out.append(logits_from_z(model, resid[..., start : start + size, :].to(model.device),
+                                 z[..., start : start + size, :, :].to(model.device), neuron_patch).cpu())
+    return torch.cat(out, dim=-2)
+
+
+@torch.no_grad()
+def head_ablation_rows(target: Target, split: str, method: str, clean: CleanPass | None = None) -> list[dict]:
+    """[{component, layer, head, loss, accuracy}] for "none" and every head, computed as the module docstring
+    says. `clean`: the split's clean_pass, if already computed."""
+    model, cfg = target.model, target.model.cfg
+    data = target.task.split(split)
+    last = cfg.n_layers - 1
+    clean = clean if clean is not None else clean_pass(target, data.tokens)
+    read = clean.read
+    means = _read_mean(target, data.tokens, read.z) if method == "mean" else None  # (head, d_head)
+    variants = _last_layer_variants(model, read, means)  # (1 + head, batch, head, d_head)
+    logits = _logits_in_rows(model, read.resid.expand(len(variants), *read.resid.shape), variants)
+    scores = [_score(target, variant_logits, data.labels) for variant_logits in logits]
+    rows = [{"component": "none", "layer": None, "head": None, "loss": scores[0][0], "accuracy": scores[0][1]}]
+    for layer in range(cfg.n_layers):
+        for head in range(cfg.n_heads):
+            if layer == last:
+                loss, accuracy = scores[1 + head]
+            else:
+                mean = clean.z_means[layer] if method == "mean" else None
+                loss, accuracy = _score(target, _earlier_layer_logits(target, data.tokens, layer, head, mean), data.labels)
+            rows.append({"component": f"L{layer}H{head}", "layer": layer, "head": head, "loss": loss, "accuracy": accuracy})
+    return rows
+
+
+def _frame(rows: list[dict]):
     import pandas as pd
 
-    _check(split, method)
-    target = resolve_target(run_or_model, step, task)
-    data = target.task.split(split)
-    cfg = target.model.cfg
-    base_loss, base_acc = _evaluate(target, data.tokens, data.labels, [])
-    rows = [{"component": "none", "layer": None, "head": None, "loss": base_loss, "accuracy": base_acc}]
-    for layer in range(cfg.n_layers):
-        hook_name = f"blocks.{layer}.attn.hook_z"  # (batch, pos, head, d_head)
-        means = _position_means(target, data.tokens, hook_name) if method == "mean" else None
-        for head in range(cfg.n_heads):
-            index = (slice(None), slice(None), head)
-            hook = _replace_hook(index, means if means is not None else 0.0)
-            loss, acc = _evaluate(target, data.tokens, data.labels, [(hook_name, hook)])
-            rows.append({"component": f"L{layer}H{head}", "layer": layer, "head": head, "loss": loss, "accuracy": acc})
     frame = pd.DataFrame({key: pd.Series([row[key] for row in rows], dtype=object if key in ("layer", "head") else None)
-                          for key in rows[0]})
-    frame["delta_loss"] = frame["loss"] - base_loss
-    frame["delta_accuracy"] = frame["accuracy"] - base_acc
+                          for key in ("component", "layer", "head", "loss", "accuracy")})
+    frame["delta_loss"] = frame["loss"] - rows[0]["loss"]
+    frame["delta_accuracy"] = frame["accuracy"] - rows[0]["accuracy"]
     return frame
 
 
+def _run_of(run_or_model, task):
+    """The Run behind `run_or_model` (loaded from a path or name), or None for a bare model."""
+    import os
+
+    from lab.run import Run, load_run
+
+    if isinstance(run_or_model, (str, os.PathLike)):
+        run_or_model = load_run(run_or_model)
+    if isinstance(run_or_model, Run):
+        if task is not None and task is not run_or_model.task:
+            raise ValueError("task= is only for a bare model; a run brings its own task")
+        return run_or_model
+    return None
+
+
+FINDS_RATIO = 1.5  # a head "finds" a letter when it puts this many times more mass on it than on the other
+
+
+@torch.no_grad()
+def letter_masses(target: Target, split: str, clean: CleanPass | None = None) -> list[dict]:
+    """[{component, layer, head, mass_on_a, mass_on_b}]: the mean attention <cls> pays to each letter, per head.
+    `clean`: the split's clean_pass, if already computed."""
+    task, cfg = target.task, target.model.cfg
+    tokens = task.split(split).tokens
+    clean = clean if clean is not None else clean_pass(target, tokens)
+    cls_rows = clean.patterns.double()  # (batch, layer, head, key)
+    masses = {}
+    for letter in "ab":
+        is_letter = (tokens == task.vocab.index(letter)).double()  # (batch, key)
+        has = is_letter.sum(-1) > 0
+        per_string = (cls_rows * is_letter[:, None, None, :]).sum(-1)  # (batch, layer, head)
+        masses[letter] = per_string[has].sum(0) / max(int(has.sum()), 1)
+    return [{"component": f"L{layer}H{head}", "layer": layer, "head": head,
+             "mass_on_a": float(masses["a"][layer, head]), "mass_on_b": float(masses["b"][layer, head])}
+            for layer in range(cfg.n_layers) for head in range(cfg.n_heads)]
+
+
+def split_entries(target: Target, split: str) -> dict:
+    """Every cached head analysis of one split, from one clean pass: {"ablate_heads/SPLIT/zero": rows,
+    "ablate_heads/SPLIT/mean": rows, and for a_and_b "letter_attention/SPLIT": rows}."""
+    clean = clean_pass(target, target.task.split(split).tokens)
+    entries = {f"ablate_heads/{split}/{method}": head_ablation_rows(target, split, method, clean) for method in METHODS}
+    if target.task.name == "a_and_b":
+        entries[f"letter_attention/{split}"] = letter_masses(target, split, clean)
+    return entries
+
+
+def ablate_heads(run_or_model, split: str = "test", method: str = "zero", step: int | None = None, task=None,
+                 cache: bool = True):
+    """One row per attention head (and one for "none"): the loss and accuracy on `split` with that head's
+    output (its `hook_z`) zeroed or mean-replaced. Columns: component ("none", "L0H0", ...), layer, head,
+    loss, accuracy, delta_loss, delta_accuracy (relative to "none").
+
+    Exact: every input of the split is used. For a Run the rows are cached per checkpoint in the run
+    folder (`cache=False` recomputes without reading or writing the cache)."""
+    _check(split, method)
+    require_attention(_run_of(run_or_model, task) or run_or_model, "lab.ablate_heads")
+    run = _run_of(run_or_model, task) if cache else None
+    if run is not None:
+        rows = cached(run, step, f"ablate_heads/{split}/{method}", lambda: split_entries(private_target(run, step), split))
+    else:
+        rows = head_ablation_rows(private_target(run_or_model, step, task), split, method)
+    return _frame(rows)
+
+
+@torch.no_grad()
 def ablate_neurons(run_or_model, neurons: list[int], layer: int = 0, split: str = "test", method: str = "zero",
                    step: int | None = None, task=None) -> dict:
     """Loss and accuracy on `split` with the MLP neurons `neurons` of `layer` (their `hook_post`) zeroed or
     mean-replaced: {"loss", "accuracy", "base_loss", "base_accuracy"}."""
     _check(split, method)
-    target = resolve_target(run_or_model, step, task)
-    cfg = target.model.cfg
+    target = private_target(run_or_model, step, task)
+    model, cfg = target.model, target.model.cfg
+    if cfg.arch != "transformer":  # the MLP's and CNN's hidden layers (lab/architectures.py)
+        from lab.architectures import ablate_hidden_neurons
+
+        return ablate_hidden_neurons(target, neurons, layer, split, method, lambda logits, labels: _score(target, logits, labels))
     if cfg.attn_only:
         raise ValueError("this model is attention-only: it has no MLP neurons to ablate")
     if not 0 <= layer < cfg.n_layers:
         raise ValueError(f"layer {layer} does not exist: this model's layers are 0..{cfg.n_layers - 1}")
-    neurons = [int(n) for n in neurons]
+    neurons = integer_list(neurons, "neuron", "a list of integer neuron indices")  # 1.9 is refused, not truncated
     bad = [n for n in neurons if not 0 <= n < cfg.d_mlp]
     if bad:
         raise ValueError(f"neuron {bad[0]} does not exist: this model's neurons are 0..{cfg.d_mlp - 1}")
     data = target.task.split(split)
-    hook_name = f"blocks.{layer}.mlp.hook_post"  # (batch, pos, d_mlp)
-    means = _position_means(target, data.tokens, hook_name) if method == "mean" else None
-    index = (slice(None), slice(None), torch.tensor(neurons, dtype=torch.long))
-    base_loss, base_acc = _evaluate(target, data.tokens, data.labels, [])
-    loss, acc = _evaluate(target, data.tokens, data.labels, [(hook_name, _replace_hook(index, means if means is not None else 0.0))])
+    index = torch.tensor(neurons, dtype=torch.long)
+    if layer == cfg.n_layers - 1:
+        # The last layer's neurons reach the output only at the read position: patch them there.
+        clean = clean_pass(target, data.tokens).read
+        base = _logits_in_rows(model, clean.resid, clean.z)
+        post = None
+        if method == "mean":
+            grabbed = []
+            _logits_in_rows(model, clean.resid, clean.z, neuron_patch=lambda act: grabbed.append(act) or act)
+            post = _read_mean(target, data.tokens, torch.cat(grabbed).cpu())  # (d_mlp,)
+
+        def patch(act):
+            act = act.clone()
+            act[..., index] = 0.0 if post is None else post[index].to(act.device, act.dtype)
+            return act
+
+        ablated = _logits_in_rows(model, clean.resid, clean.z, neuron_patch=patch)
+    else:
+        ablated, base = _earlier_neuron_logits(target, data.tokens, layer, index, method)
+    base_loss, base_acc = _score(target, base, data.labels)
+    loss, acc = _score(target, ablated, data.labels)
     return {"loss": loss, "accuracy": acc, "base_loss": base_loss, "base_accuracy": base_acc}
+
+
+def _earlier_neuron_logits(target: Target, tokens: torch.Tensor, layer: int, index: torch.Tensor, method: str):
+    """(ablated, clean) logits with neurons of an earlier layer patched at every position."""
+    model = target.model
+    hook_name = f"blocks.{layer}.mlp.hook_post"  # (batch, pos, d_mlp)
+    mean = None
+    if method == "mean":
+        total = count = None
+        for _, chunk in _chunks(model, tokens):
+            captured = []
+            with model.hooks(fwd_hooks=[(hook_name, lambda act, hook: captured.append(act))]):
+                read_position(model, chunk.to(model.device), target.task.read_position)
+            real = _real(target, chunk)[:, :, None]
+            part, n = (captured[0].float().cpu() * real).sum(0), real.sum(0)
+            total, count = (part, n) if total is None else (total + part, count + n)
+        mean = total / count.clamp(min=1)  # (pos, d_mlp)
+
+    def patch(act, hook):
+        act = act.clone()
+        act[:, :, index] = 0.0 if mean is None else mean[: act.shape[1]][:, index].to(act.device, act.dtype)
+        return act
+
+    ablated, base = [], []
+    for _, chunk in _chunks(model, tokens):
+        chunk = chunk.to(model.device)
+        piece = read_position(model, chunk, target.task.read_position)
+        base.append(logits_from_z(model, piece.resid, piece.z).cpu())
+        with model.hooks(fwd_hooks=[(hook_name, patch)]):
+            piece = read_position(model, chunk, target.task.read_position)
+        ablated.append(logits_from_z(model, piece.resid, piece.z).cpu())
+    return torch.cat(ablated), torch.cat(base)

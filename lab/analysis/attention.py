@@ -6,7 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from lab.probe import Target, encode_input, prediction_from_logits, resolve_target
+from lab.architectures import require_attention
+from lab.prediction import prediction_from_logits
+from lab.analysis.ablation import private_target  # run_with_cache hooks stay on a private copy of the model
+from lab.probe import Target, encode_input
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,8 @@ def attention(model_or_run, text: str, step: int | None = None, task=None) -> At
     Pass a Run (its task is used) or a bare model with `task=`. Bad text raises ValueError with the
     task's message (character not in the alphabet, text too long, number out of range).
     """
-    target = resolve_target(model_or_run, step, task)
+    target = private_target(model_or_run, step, task)
+    require_attention(target.model, "lab.attention")
     tokens = encode_input(target, text)
     logits, pattern = _patterns(target.model, tokens)
     prediction = prediction_from_logits(target.task, logits[0, target.task.read_position].cpu())
@@ -52,7 +56,7 @@ def attention(model_or_run, text: str, step: int | None = None, task=None) -> At
 
 
 def _modular_target(run_or_model, step, task) -> Target:
-    target = resolve_target(run_or_model, step, task)
+    target = private_target(run_or_model, step, task)
     if target.task.name != "modular":
         raise ValueError(f"this analysis is for modular runs; this one is task {target.task.name!r}")
     return target
@@ -63,6 +67,7 @@ def modular_attention_grid(run_or_model, step: int | None = None, task=None) -> 
     """(layer, head, p, p): attention from the `=` position to the `a` position for every (a, b);
     rows a, columns b. Pairs the task excludes (b = 0 for division) are NaN."""
     target = _modular_target(run_or_model, step, task)
+    require_attention(target.model, "the attention grid")
     p = target.task.p
     pairs = target.task.all_pairs()
     _, pattern = _patterns(target.model, pairs.tokens)  # (pair, layer, head, query, key)

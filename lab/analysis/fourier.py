@@ -22,6 +22,11 @@ answer c off cos(w_k (a + b − c)). This module measures that:
 
 The neuron-logit path is exact only without LayerNorm, so these analyses need a modular model
 with an MLP and `normalization = "none"` (Nanda et al.'s setup); others raise ValueError.
+
+The same analyses read the other architectures of the ladder (lab/architectures.py `readout`): for
+`arch = "mlp"` the neurons are its last hidden layer and W_L is its unembedding W_U (the logits are
+linear in them); for `arch = "cnn"` its max-pooled channels. Both embed tokens with a `W_E`, so the
+embedding's Fourier norms are measured the same way. The perceptron has no neurons: ValueError.
 """
 
 from __future__ import annotations
@@ -83,11 +88,16 @@ def modular_target(run_or_model, step: int | None = None, task=None) -> Target:
 
 
 def check_fourier_model(target: Target) -> None:
+    from lab.architectures import readout
+
     task, cfg = target.task, target.model.cfg
     if task.name != "modular":
         raise ValueError(f"Fourier analysis is for modular runs; this one is task {task.name!r}")
     if len(task.all_pairs()) != task.p * task.p:
         raise ValueError(f"Fourier analysis needs all p*p pairs; operator {task.operator!r} leaves some out")
+    if cfg.arch != "transformer":
+        readout(target.model)  # raises for an architecture without neurons
+        return
     if cfg.attn_only:
         raise ValueError("Fourier analysis reads the MLP neurons; this model is attention-only")
     if cfg.normalization != "none":
@@ -96,19 +106,25 @@ def check_fourier_model(target: Target) -> None:
 
 
 def neuron_logit_map(model) -> torch.Tensor:
-    """W_L = W_out W_U of the last layer's MLP: (d_mlp, d_vocab_out), float64."""
-    return (model.blocks[-1].mlp.W_out.detach().double() @ model.W_U.detach().double()).cpu()
+    """W_L = W_out W_U of the last layer's MLP: (d_mlp, d_vocab_out), float64 (for other architectures the
+    map from their last hidden features to the logits: lab.architectures.readout)."""
+    from lab.architectures import readout
+
+    return readout(model).logit_map
 
 
 @torch.no_grad()
 def grid_activations(target: Target) -> tuple[torch.Tensor, torch.Tensor]:
     """Over all (a, b) in row-major order: (logits (p*p, d_vocab_out), last-layer neuron activations
     (p*p, d_mlp)), both at the `=` position, float64 on CPU."""
+    from lab.architectures import readout
+
     model = target.model
-    hook = f"blocks.{model.cfg.n_layers - 1}.mlp.hook_post"
+    neurons = readout(model)
     tokens = target.task.all_pairs().tokens.to(model.device)
-    logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name == hook)
-    return logits[:, -1].double().cpu(), cache[hook][:, -1].double().cpu()
+    logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name == neurons.hook)
+    acts = cache[neurons.hook] if neurons.position is None else cache[neurons.hook][:, neurons.position]
+    return logits[:, -1].double().cpu(), acts.double().cpu()
 
 
 # --- norms ----------------------------------------------------------------------------------------
@@ -235,7 +251,7 @@ def sum_directions(p: int, frequencies) -> torch.Tensor:
 def restricted_and_excluded(target: Target, frequencies, logits: torch.Tensor | None = None,
                             acts: torch.Tensor | None = None) -> dict:
     """Restricted loss/accuracy (test split) and excluded loss/accuracy (train split) for these key frequencies."""
-    from lab.recipes import task_loss
+    from lab.losses import task_loss
 
     check_fourier_model(target)
     task, p = target.task, target.task.p

@@ -25,29 +25,16 @@ COLUMNS = ["step", "train_loss", "test_loss", "train_acc", "test_acc", "restrict
 
 
 def _fingerprint(run, step: int) -> list[int]:
-    from lab.runs import checkpoint_path
+    from lab.storage import checkpoint_path
 
     stat = checkpoint_path(run.path, step).stat()
     return [stat.st_size, stat.st_mtime_ns]
 
 
-def _load_model(run, step: int):
-    """A fresh model for one checkpoint (not kept in the Run's model cache: a run may have many)."""
-    from lab.model import Transformer
-    from lab.runs import RunError, checkpoint_path
-
-    model = Transformer(run.config.model)
-    try:
-        model.load_state_dict(run.state_dict(step))
-    except RuntimeError as err:
-        raise RunError(f"{checkpoint_path(run.path, step)}: weights do not fit the config ({str(err).splitlines()[0]})") from None
-    return model.eval()
-
-
 @torch.no_grad()
 def measures_at(target: Target, frequencies) -> dict:
     """Every progress measure of one model (see the module docstring)."""
-    from lab.recipes import task_loss
+    from lab.losses import task_loss
 
     task, model, p = target.task, target.model, target.task.p
     logits, acts = fourier.grid_activations(target)
@@ -69,9 +56,17 @@ def _read_cache(path) -> dict:
 
     try:
         cache = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # missing, unreadable, not UTF-8, not JSON: a cache, so recompute
         return {}
-    return cache if isinstance(cache, dict) and cache.get("version") == CACHE_VERSION else {}
+    if not isinstance(cache, dict) or cache.get("version") != CACHE_VERSION:
+        return {}
+    # a cache of the right version but the wrong shape (hand-edited, damaged) is ignored and rewritten, never trusted
+    rows = cache.get("rows")
+    frequencies = cache.get("key_frequencies")
+    shaped = (isinstance(rows, dict) and isinstance(frequencies, list)
+              and all(isinstance(f, int) and not isinstance(f, bool) for f in frequencies)
+              and all(isinstance(entry, dict) and isinstance(entry.get("measures"), dict) for entry in rows.values()))
+    return cache if shaped else {}
 
 
 def progress_measures(run, progress: bool = False):
@@ -82,14 +77,16 @@ def progress_measures(run, progress: bool = False):
     Cached in RUN/analysis/progress_measures.json; only new or changed checkpoints are recomputed."""
     import pandas as pd
 
+    from lab.errors import RunError
     from lab.run import Run, load_run
-    from lab.runs import RunError, atomic_write_json
+    from lab.storage import atomic_write_json
 
     run = run if isinstance(run, Run) else load_run(run)
     steps = run.checkpoint_steps
     if not steps:
         raise RunError(f"{run.path / 'checkpoints'}: the run has no checkpoint yet")
-    last = Target(_load_model(run, steps[-1]), run.task, steps[-1], run.config.train.loss, run)
+    # fresh models, not kept in the Run's model cache: a run may have many checkpoints
+    last = Target(run.model(steps[-1], cache=False), run.task, steps[-1], run.config.train.loss, run)
     fourier.check_fourier_model(last)
 
     path = run.path / CACHE_FILE
@@ -111,8 +108,9 @@ def progress_measures(run, progress: bool = False):
             todo.append(step)
     from tqdm.auto import tqdm
 
-    for step in tqdm(todo, disable=not progress, unit="checkpoint", desc=f"progress measures of {run.name}"):
-        target = last if step == steps[-1] else Target(_load_model(run, step), run.task, step, run.config.train.loss, run)
+    # no bar when everything came from the cache: an empty bar says nothing
+    for step in tqdm(todo, disable=not (progress and todo), unit="checkpoint", desc=f"progress measures of {run.name}"):
+        target = last if step == steps[-1] else Target(run.model(step, cache=False), run.task, step, run.config.train.loss, run)
         rows[str(step)] = {"fingerprint": fingerprints[str(step)], "measures": measures_at(target, frequencies)}
 
     if todo or rows.keys() != cache.get("rows", {}).keys():

@@ -19,8 +19,7 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from lab.config import TaskConfig
-from lab.tasks.base import Split, Task, register_task
+from lab.tasks.base import Split, Task, TaskConfig, register_task
 
 PAD, CLS = "<pad>", "<cls>"
 
@@ -74,11 +73,14 @@ class AAndBTask(Task):
         self._ids = {char: i for i, char in enumerate(self.vocab) if i >= 2}
 
     def encode(self, text: str) -> list[int]:
+        """A string of the alphabet's characters (at most max_len of them) -> `[<cls>, ids...]`."""
+        if not isinstance(text, str):
+            raise TypeError(f"expected a text (str) of characters from {self.alphabet!r}, got {type(text).__name__} {text!r:.40}")
+        if len(text) > self.config.max_len:  # checked first: a huge text is refused without being read
+            raise ValueError(f"text of {len(text)} characters is longer than this task's max_len of {self.config.max_len}")
         for char in text:
             if char not in self._ids:
                 raise ValueError(f"character {char!r} is not in this task's alphabet {self.alphabet!r}")
-        if len(text) > self.config.max_len:
-            raise ValueError(f"text of {len(text)} characters is longer than this task's max_len of {self.config.max_len}")
         return [self.cls_token_id] + [self._ids[char] for char in text]
 
     def decode(self, tokens) -> str:

@@ -14,10 +14,19 @@ from functools import cached_property
 from typing import ClassVar, Literal
 
 import torch
+from pydantic import Field
 
-from lab.config import ConfigError, TaskConfig
+from lab.errors import ConfigError
+from lab.schema import StrictModel
 
 SplitName = Literal["train", "test"]
+
+
+class TaskConfig(StrictModel):
+    """Base of every task's config (the `[task]` table); each task subclasses it with its own fields."""
+
+    name: str
+    data_seed: int = Field(0, description="seed of the train/test split and of generated data")
 
 
 @dataclass(frozen=True)

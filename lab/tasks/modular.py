@@ -9,13 +9,13 @@ from `data_seed`, form the training split; the rest are the test split.
 from __future__ import annotations
 
 import re
+from functools import cached_property
 from typing import Callable, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from lab.config import TaskConfig
-from lab.tasks.base import Split, Task, register_task
+from lab.tasks.base import Split, Task, TaskConfig, register_task
 
 
 def _inverse(b: torch.Tensor, p: int) -> torch.Tensor:
@@ -79,16 +79,30 @@ class ModularTask(Task):
 
     # --- text <-> tokens ---
 
-    _TEXT = re.compile(r"^\s*(\d+)\s*([^\d\s=]+)?\s*(\d+)\s*(=)?\s*$")
+    MAX_TEXT = 64  # characters: "a op b =" with numbers below 1000 fits with room for spaces; longer is refused unread
+
+    @cached_property
+    def _text(self) -> re.Pattern:
+        # exactly `a op b =`: the operator is this task's symbol or name (e.g. "+" or "add"); nothing else.
+        # With the length capped first, matching is linear (no nested repetition to backtrack over).
+        ops = "|".join(re.escape(op) for op in sorted({self.symbol, self.operator}, key=len, reverse=True))
+        return re.compile(rf"[ \t]*([0-9]{{1,6}})[ \t]*({ops})[ \t]*([0-9]{{1,6}})[ \t]*=[ \t]*")
 
     def encode(self, text: str) -> list[int]:
-        """`"12 + 34 ="`, `"12+34"` or `"12 34"` -> `[12, 34, =]`."""
-        match = self._TEXT.match(text)
+        """`"12 + 34 ="` (or `"12+34="`, `"12 add 34 ="`) -> `[12, 34, =]`: exactly `a op b =`, with a, b below p."""
+        if not isinstance(text, str):
+            raise TypeError(f"expected a text like '12 {self.symbol} 34 =', got {type(text).__name__} {text!r:.40}")
+        if len(text) > self.MAX_TEXT:
+            raise ValueError(f"text of {len(text)} characters is longer than the {self.MAX_TEXT} an expression "
+                             f"'a {self.symbol} b =' may have")
+        match = self._text.fullmatch(text)
         if not match:
-            raise ValueError(f"cannot read {text!r}: write two numbers below {self.p}, e.g. '12 {self.symbol} 34 ='")
-        a, op, b = int(match.group(1)), match.group(2), int(match.group(3))
-        if op is not None and op not in (self.symbol, self.operator):
-            raise ValueError(f"operator {op!r} in {text!r} is not this task's operator {self.operator!r} ({self.symbol!r})")
+            other = re.fullmatch(r"[ \t]*[0-9]{1,6}[ \t]*([^0-9 \t=]+)[ \t]*[0-9]{1,6}[ \t]*=[ \t]*", text)
+            if other:
+                raise ValueError(f"operator {other.group(1)!r} in {text!r} is not this task's operator {self.operator!r} ({self.symbol!r})")
+            raise ValueError(f"cannot read {text!r}: write exactly 'a {self.symbol} b =' with two numbers below {self.p}, "
+                             f"e.g. '12 {self.symbol} 34 ='")
+        a, b = int(match.group(1)), int(match.group(3))
         for n in (a, b):
             if n >= self.p:
                 raise ValueError(f"number {n} in {text!r} is out of range: this task's numbers are 0..{self.p - 1}")

@@ -1,0 +1,25 @@
+"""Splitting a batch of inputs into chunks that fit one memory budget (evaluation and analysis alike).
+
+The largest activation of a forward pass over (batch, pos) tokens is usually the attention scores,
+batch * heads * pos^2 floats; a chunk holds at most ATTENTION_FLOATS of them (64 MB in float32).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+ATTENTION_FLOATS = 1 << 24
+
+
+def rows_per_chunk(n_heads: int, n_pos: int, budget: int = ATTENTION_FLOATS) -> int:
+    """How many inputs of `n_pos` tokens fit the budget (at least one)."""
+    return max(1, budget // max(1, n_heads * n_pos * n_pos))
+
+
+def batches(tokens: torch.Tensor, n_heads: int, budget: int = ATTENTION_FLOATS) -> Iterator[tuple[int, torch.Tensor]]:
+    """(start, chunk) pairs that cover (batch, pos) tokens in order, each chunk within the budget."""
+    size = rows_per_chunk(n_heads, tokens.shape[1], budget)
+    for start in range(0, tokens.shape[0], size):
+        yield start, tokens[start : start + size]

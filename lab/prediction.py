@@ -1,0 +1,89 @@
+"""A model's answer for one input: text or token ids in, a `Prediction` out.
+
+Below both `lab.run` (`Run.predict`) and `lab.probe` (`lab.predict`, which also takes bare models),
+so that reading runs and probing them share one way of encoding an input and reading the answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, repr=False)
+class Prediction:
+    """The model's answer for one input: `label` (its name), `label_id`, `probability`, and all `probabilities`."""
+
+    label: str
+    label_id: int
+    probability: float
+    probabilities: torch.Tensor  # (d_vocab_out,)
+
+    def __repr__(self) -> str:  # the answer, not the whole distribution: that is `.probabilities`
+        return f"Prediction(label={self.label!r}, label_id={self.label_id}, probability={self.probability:.4g})"
+
+
+def encode_tokens(task, text_or_tokens, model=None) -> torch.Tensor:
+    """A text (encoded by the task) or a sequence of token ids -> (1, pos) int64, checked against vocab and length."""
+    if isinstance(text_or_tokens, str):
+        ids = task.encode(text_or_tokens)  # raises ValueError with the task's one-line message
+    else:
+        ids = token_ids(text_or_tokens)
+        if not ids:
+            raise ValueError("no tokens given")
+        bad = [t for t in ids if not 0 <= t < task.d_vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is out of range: this task's token ids are 0..{task.d_vocab - 1}")
+    if model is not None and getattr(model, "W_pos", None) is not None and len(ids) > model.cfg.n_ctx:
+        raise ValueError(f"input of {len(ids)} tokens is longer than this model's n_ctx of {model.cfg.n_ctx}")
+    return torch.tensor([ids], dtype=torch.long)
+
+
+def token_ids(tokens) -> list[int]:
+    """A list, tuple, array or tensor of integer token ids -> list[int]. Floats (1.0 included: an id is not a
+    measurement), bools and anything that is not a sequence raise TypeError saying what is expected."""
+
+    expected = "a text (str) or a sequence of integer token ids"
+    if isinstance(tokens, torch.Tensor):
+        if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+            raise TypeError(f"token ids must be integers, got a tensor of {tokens.dtype}; expected {expected}")
+        return [int(t) for t in tokens.flatten().tolist()]
+    if hasattr(tokens, "dtype") and hasattr(tokens, "tolist"):  # a numpy array
+        tokens = tokens.tolist()
+    if isinstance(tokens, (bytes, dict, set)) or not hasattr(tokens, "__iter__"):
+        raise TypeError(f"expected {expected}, got {type(tokens).__name__} {tokens!r:.40}")
+    return integer_list(tokens, "token id", expected)
+
+
+def integer_list(values, what: str, expected: str = "a list of integers") -> list[int]:
+    """[3, numpy.int64(4)] -> [3, 4]; 1.9, 1.0, True or "3" raise TypeError naming the value (nothing is truncated)."""
+    import numbers
+
+    if isinstance(values, torch.Tensor) or (hasattr(values, "dtype") and hasattr(values, "tolist")):
+        if isinstance(values, torch.Tensor) and (values.is_floating_point() or values.dtype == torch.bool):
+            raise TypeError(f"{what}s must be integers, got a tensor of {values.dtype}; expected {expected}")
+        values = values.tolist()
+    if isinstance(values, (str, bytes, dict, set)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"expected {expected}, got {type(values).__name__} {values!r:.40}")
+    out = []
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{what} {value!r} is not an integer; expected {expected}")
+        out.append(int(value))
+    return out
+
+
+def prediction_from_logits(task, logits: torch.Tensor) -> Prediction:
+    """logits (d_vocab_out,) at the read position -> Prediction."""
+    probs = logits.double().softmax(-1).float()
+    label_id = int(probs.argmax())
+    return Prediction(task.label_names[label_id], label_id, float(probs[label_id]), probs)
+
+
+@torch.no_grad()
+def predict_with(model, task, text_or_tokens) -> Prediction:
+    """The answer `model` (in eval mode) gives for one input of `task`."""
+    tokens = encode_tokens(task, text_or_tokens, model).to(model.device)
+    logits = model(tokens)[0, task.read_position].cpu()
+    return prediction_from_logits(task, logits)

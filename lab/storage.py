@@ -1,0 +1,536 @@
+"""Run folders: where a training run keeps everything, and how to read it back.
+
+    runs/NAME/
+      config.json           the fully resolved ExperimentConfig
+      metrics.jsonl         one JSON object per evaluation, in step order
+      summary.json          status, memorize/grok steps, wall time, final metrics
+      checkpoints/step_0000100.safetensors   model weights after that many steps
+      resume.safetensors    weights + optimizer + gradient-filter state of the latest checkpoint (`ResumeState`)
+
+Every file is written to a temporary name and renamed into place, so a reader (the dashboard)
+never sees half a file. `metrics.jsonl` grows by appending one whole line per write; a reader
+ignores a torn last line, and a resumed run rewrites it (atomically) up to its checkpoint, so no
+row is lost or repeated. Checkpoints are safetensors: loading them runs no pickled code.
+
+The trainer (and anything else that writes run folders) goes through these functions; reading a
+run folder as an object is `lab.run`.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import re
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from lab.errors import RunError, RunLockedError, StorageError
+
+if TYPE_CHECKING:  # torch loads only when tensors are saved or read
+    from torch import Tensor
+
+RUNS_DIR_ENV = "LAB_RUNS_DIR"
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+CHECKPOINT_NAME = re.compile(r"^step_(\d+)\.safetensors$")
+
+
+def default_runs_dir() -> Path:
+    """The runs folder when none is given: $LAB_RUNS_DIR, else ./runs. Every default in the lab comes from here."""
+    return Path(os.environ.get(RUNS_DIR_ENV) or "runs")
+
+
+# --- atomic writes -------------------------------------------------------------------------------
+
+
+def storage_error(path: Path, err: OSError, doing: str = "write") -> StorageError:
+    """A filesystem failure as one line naming the path: 'cannot write runs/x/summary.json: read-only file system'."""
+    reason = os.strerror(err.errno).lower() if err.errno else str(err)
+    if isinstance(err, (FileExistsError, NotADirectoryError)) or err.errno in (errno.ENOTDIR, errno.EEXIST):
+        reason = "a file is in the way where a folder should be"
+    return StorageError(f"cannot {doing} {path}: {reason}")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise storage_error(path, err) from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and not isinstance(err, StorageError):
+            raise storage_error(path, err) from None
+        raise
+
+
+def finite_json(obj: Any) -> Any:
+    """`obj` with every NaN or infinite float replaced by None: JSON has no NaN, and files we write stay standard JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {key: finite_json(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(value) for value in obj]
+    return obj
+
+
+def dumps(obj: Any, indent: int | None = None) -> str:
+    return json.dumps(finite_json(obj), indent=indent, allow_nan=False)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (dumps(obj, indent=2) + "\n").encode())
+
+
+def save_tensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """Save tensors as safetensors, atomically."""
+    from safetensors.torch import save
+
+    tensors = {key: value.detach().to("cpu").contiguous() for key, value in tensors.items()}
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+def load_tensors(path: Path) -> tuple[dict, dict[str, str]]:
+    """Load safetensors -> (tensors, metadata); a damaged file raises RunError naming it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}, dict(f.metadata() or {})
+    except FileNotFoundError:
+        raise RunError(f"{path}: no such file") from None
+    except Exception as err:  # safetensors raises its own error types for truncated or foreign files
+        raise RunError(f"{path}: not a readable safetensors file ({err})") from None
+
+
+# --- metrics -------------------------------------------------------------------------------------
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    """Append one whole line in a single write, so a crash leaves at most a torn last line."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (dumps(row) + "\n").encode())
+        finally:
+            os.close(fd)
+    except OSError as err:
+        raise storage_error(Path(path), err) from None
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Every complete row (each a JSON object); a torn final line (from a killed writer) is ignored."""
+    try:
+        text = read_text(path, limit=max_metrics_bytes())
+    except RunError:
+        if not Path(path).exists():
+            return []
+        raise
+    rows = []
+    lines = text.split("\n")
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):  # torn last line: no newline after it
+                break
+            raise RunError(f"{path}: line {number} is not valid JSON") from None
+        if not isinstance(row, dict):
+            raise RunError(f"{path}: line {number} is a JSON {_json_kind(row)}, expected an object {{...}}")
+        rows.append(row)
+    return rows
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl, checked: every row has an integer `step` >= 0, steps increase, values are numbers or null."""
+    rows = read_jsonl(path)
+    previous = -1
+    for number, row in enumerate(rows, start=1):
+        step = row.get("step")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            what = "has no 'step'" if "step" not in row else f"has step {step!r}, expected an integer >= 0"
+            raise RunError(f"{path}: row {number} {what}")
+        if step <= previous:
+            raise RunError(f"{path}: row {number} has step {step} after step {previous}; steps must increase")
+        previous = step
+        for key, value in row.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise RunError(f"{path}: row {number} has {key} = {value!r}, expected a number or null")
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    atomic_write_bytes(path, "".join(dumps(row) + "\n" for row in rows).encode())
+
+
+# --- run folders ---------------------------------------------------------------------------------
+
+
+def check_run_name(name: str) -> str:
+    if not isinstance(name, str) or not RUN_NAME.match(name) or name in (".", ".."):
+        raise RunError(
+            f"run name {name!r} is not allowed: use letters, digits, '.', '_' and '-', starting with a letter or digit"
+        )
+    return name
+
+
+def new_run_dir(runs_dir: Path, name: str, exact: bool) -> Path:
+    """A fresh folder `runs_dir/name` (or `name-2`, `name-3`, ... unless `exact`). Never outside runs_dir."""
+    check_run_name(name)
+    runs_dir = make_runs_dir(runs_dir)
+    candidate, n = name, 1
+    while True:
+        path = runs_dir / candidate
+        if path.resolve().parent != runs_dir.resolve():
+            raise RunError(f"run name {name!r} points outside the runs folder {runs_dir}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            if exact and path.is_dir() and writer_pid(path) is None and not any(p.name != LOCK_FILE for p in path.iterdir()):
+                return path  # an empty folder (a `lab train` killed before it wrote anything): no dead end, reuse it
+            if exact:
+                pid = writer_pid(path)
+                if pid is not None:
+                    raise RunLockedError(f"run {str(path)!r} already exists and is being trained by PID {pid}; pick another --name") from None
+                raise RunError(
+                    f"run {str(path)!r} already exists; continue it with --resume (lab train --resume {path}) or pick another --name"
+                ) from None
+            n += 1
+            candidate = f"{name}-{n}"
+        except OSError as err:
+            raise storage_error(path, err, "create the run folder") from None
+
+
+def make_runs_dir(runs_dir: Path) -> Path:
+    """The runs folder, created if needed; a file in the way or a read-only disk is one StorageError line."""
+    runs_dir = Path(runs_dir)
+    try:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise storage_error(runs_dir, err, "create the runs folder") from None
+    if not os.access(runs_dir, os.W_OK | os.X_OK):
+        raise StorageError(f"cannot write in the runs folder {runs_dir}: permission denied or read-only")
+    return runs_dir
+
+
+SAFE_SYMBOLS = {"+": "plus", "*": "times", "/": "div", "^": "pow", "%": "mod", "=": "eq", "<": "lt", ">": "gt",
+                "&": "and", "|": "or", "~": "not", " ": "_", ",": "_", ":": "_"}
+
+
+def safe_name_part(value: Any) -> str:
+    """A value as a piece of a run name: `x2+y2` -> `x2plusy2`, `0.3` -> `0.3`, `[1, 2]` -> `1_2`. Only letters,
+    digits, '.', '_' and '-' (what `check_run_name` allows); a sweep derives member names with it.
+    Different values can map to one name (`a b` and `a_b`): callers check the names they derive for collisions."""
+    if isinstance(value, bool):
+        text = str(value).lower()
+    elif isinstance(value, (list, tuple)):
+        text = "_".join(safe_name_part(v) for v in value)
+    else:
+        text = str(value)
+    out = "".join(SAFE_SYMBOLS.get(ch, ch) if not re.match(r"[A-Za-z0-9._-]", ch) else ch for ch in text)
+    out = re.sub(r"[^A-Za-z0-9._-]", "_", out)  # anything else (letters outside ASCII, quotes, ...)
+    out = re.sub(r"_{2,}", "_", out)
+    out = re.sub(r"^[^A-Za-z0-9]+", "", out).rstrip("_") or "empty"  # a run name starts with a letter or digit
+    return out[:64]
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step:07d}.safetensors"
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in folder.iterdir() if (m := CHECKPOINT_NAME.match(p.name)))
+
+
+# --- reading files, checked at the boundary ----------------------------------------------------------
+#
+# Everything the lab reads from a run folder (or an experiment file) passes through `read_text`: a
+# file too large for its kind, a folder where a file should be, or bytes that are not UTF-8 raise
+# one line naming the file, instead of a UnicodeDecodeError or a MemoryError from deep inside.
+
+MAX_JSON_BYTES = 64 << 20  # config.json, summary.json, analysis caches: kilobytes when sane
+
+
+def available_memory_bytes() -> int:
+    """RAM this machine can still give (MemAvailable), or total RAM where that is not reported."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 34
+
+
+def max_metrics_bytes() -> int:
+    """metrics.jsonl is parsed into Python objects (~10x its size): refuse one that could not fit."""
+    return max(64 << 20, available_memory_bytes() // 16)
+
+
+def _json_kind(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+
+
+def read_text(path: Path, limit: int = MAX_JSON_BYTES) -> str:
+    """A UTF-8 text file, refused in one RunError/StorageError line if missing, too large, or not UTF-8."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if path.is_dir():
+            raise RunError(f"{path}: is a folder, expected a file")
+        if size > limit:
+            raise RunError(f"{path}: {size / 2**20:.1f} MiB is larger than the {limit / 2**20:.0f} MiB this file may have; it is not a lab file")
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise RunError(f"{path}: no such file") from None
+    except OSError as err:
+        raise storage_error(path, err, "read") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RunError(f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); the file is damaged") from None
+
+
+def read_json(path: Path, limit: int = MAX_JSON_BYTES) -> dict:
+    """A JSON object from a file; missing, damaged, non-UTF-8, oversized or non-object files raise RunError naming it."""
+    try:
+        obj = json.loads(read_text(path, limit))
+    except json.JSONDecodeError as err:
+        raise RunError(f"{path}: damaged JSON ({err})") from None
+    except RecursionError:
+        raise RunError(f"{path}: damaged JSON (nested too deeply)") from None
+    if not isinstance(obj, dict):
+        raise RunError(f"{path}: expected a JSON object {{...}}, found a JSON {_json_kind(obj)}")
+    return obj
+
+
+# --- the single-writer lock ----------------------------------------------------------------------
+#
+# One process at a time writes a run folder: the trainer (`lab train`, `--resume`), a sweep, an
+# ensemble. It holds an exclusive flock(2) on RUN/.lock for as long as it writes; the kernel drops
+# the lock when the process ends however it ends (kill -9 included), so a lock is never stale. The
+# file holds the writer's PID, for the message a second writer gets. Readers (`lab runs`, the
+# dashboard, the REPL) never take the lock; `writer_pid` only peeks at it, to tell a run that is
+# training from one whose writer died ("interrupted (resumable)").
+#
+#     with storage.run_lock(run_dir):      # or: lock = storage.acquire_writer(run_dir); ...; lock.release()
+#         ...write the run folder...
+#
+# The lock is re-entrant within a process (a sweep that holds it can call the trainer, which takes it again).
+
+LOCK_FILE = ".lock"
+_held: dict[str, list] = {}  # realpath of the run folder -> [fd, count, thread id] for locks this process holds
+
+
+class WriterLock:
+    """The held writer lock of one run folder; `release()` (or leaving `with`) gives it back."""
+
+    def __init__(self, run_dir: Path, key: str):
+        self.run_dir, self._key, self.released = Path(run_dir), key, False
+
+    def release(self) -> None:
+        import fcntl
+
+        if self.released:
+            return
+        self.released = True
+        entry = _held.get(self._key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _held[self._key]
+            fcntl.flock(entry[0], fcntl.LOCK_UN)
+            os.close(entry[0])
+
+    def __enter__(self) -> "WriterLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _lock_holder(path: Path) -> str:
+    try:
+        pid = path.read_text().strip()
+    except OSError:
+        pid = ""
+    return f"PID {pid}" if pid.isdigit() else "another process"
+
+
+def acquire_writer(run_dir: Path, wait_s: float = 0.5) -> WriterLock:
+    """Take the writer lock of a run folder, or raise RunLockedError naming the PID that holds it.
+    Waits up to `wait_s` only to step past a reader's momentary peek (`writer_pid`), never for a writer."""
+    import fcntl
+
+    import threading
+
+    run_dir = Path(run_dir)
+    key = os.path.realpath(run_dir)
+    if key in _held:
+        if _held[key][2] != threading.get_ident():  # two threads of one process are two writers too
+            raise RunLockedError(f"{run_dir} is being written by another thread of this process (PID {os.getpid()})")
+        _held[key][1] += 1
+        return WriterLock(run_dir, key)
+    path = run_dir / LOCK_FILE
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)  # a fresh run's folder may not exist yet
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise storage_error(path, err, "create the writer lock") from None
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                holder = _lock_holder(path)
+                raise RunLockedError(
+                    f"{run_dir} is being written by {holder}; wait for it to end, or stop it "
+                    f"(Ctrl-C, or kill {holder.removeprefix('PID ')}) and continue with: lab train --resume {run_dir}"
+                ) from None
+            time.sleep(0.02)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held[key] = [fd, 1, threading.get_ident()]
+    return WriterLock(run_dir, key)
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[WriterLock]:
+    """`with run_lock(run_dir):` hold the run folder's writer lock for the block (see `acquire_writer`)."""
+    lock = acquire_writer(run_dir)
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
+def writer_pid(run_dir: Path) -> int | None:
+    """The PID of the process writing this run folder now, or None when no process is (never blocks, never holds)."""
+    import fcntl
+
+    run_dir = Path(run_dir)
+    if os.path.realpath(run_dir) in _held:
+        return os.getpid()
+    try:
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY)
+    except OSError:  # no lock file: no writer ever started here (or we may not read it)
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(run_dir / LOCK_FILE)
+            return int(holder.removeprefix("PID ")) if holder.startswith("PID ") else -1
+        except OSError:
+            return None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+# --- resume state --------------------------------------------------------------------------------
+#
+# resume.safetensors holds everything a run needs to continue bit for bit from its latest checkpoint:
+#
+#     model/<param>                      the weights, e.g. model/blocks.0.attn.W_Q
+#     optimizer/<param>/<field>          AdamW's state of that parameter: step, exp_avg, exp_avg_sq
+#     grad_filter/<key>                  the Grokfast filter's state (see `GradFilter.state_tensors`)
+#     metadata: step, elapsed_s          updates done; wall time of the run so far
+#
+# Parameter names contain dots, so the parts are separated by "/". Files written before this layout
+# used "model.", "optim.<param>.<field>" and "filter." prefixes; they still load.
+
+RESUME_FILE = "resume.safetensors"
+
+
+@dataclass
+class ResumeState:
+    """What `lab train --resume` restores: weights, optimiser and gradient-filter state after `step` updates."""
+
+    step: int
+    elapsed_s: float
+    model: dict[str, Tensor]
+    optimizer: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # param name -> field -> tensor
+    grad_filter: dict[str, Tensor] = field(default_factory=dict)
+
+
+def save_resume_state(run_dir: Path, state: ResumeState) -> None:
+    """Write RUN/resume.safetensors atomically (see the layout above)."""
+    tensors = {f"model/{name}": t for name, t in state.model.items()}
+    for name, fields in state.optimizer.items():
+        tensors.update({f"optimizer/{name}/{key}": t for key, t in fields.items()})
+    tensors.update({f"grad_filter/{key}": t for key, t in state.grad_filter.items()})
+    save_tensors(Path(run_dir) / RESUME_FILE, tensors, {"step": str(state.step), "elapsed_s": str(state.elapsed_s)})
+
+
+def load_resume_state(run_dir: Path) -> ResumeState:
+    """Read RUN/resume.safetensors (current or pre-"/" layout); a missing or damaged file raises RunError."""
+    path = Path(run_dir) / RESUME_FILE
+    tensors, meta = load_tensors(path)
+    try:
+        step, elapsed_s = int(meta["step"]), float(meta.get("elapsed_s", 0.0))
+        if step < 0:
+            raise ValueError
+    except (KeyError, ValueError):
+        raise RunError(f"{path}: not a resume file (its metadata has no valid 'step'; is it a checkpoint?)") from None
+    state = ResumeState(step=step, elapsed_s=elapsed_s, model={})
+    old_layout = not any(key.startswith("model/") for key in tensors)
+    if old_layout and not any(key.startswith("model.") for key in tensors):
+        raise RunError(f"{path}: not a resume file (it holds no model/ entries; is it a checkpoint?)")
+    for key, tensor in tensors.items():
+        if old_layout:  # "model.<param>", "optim.<param>.<field>", "filter.<key>"
+            section, _, rest = key.partition(".")
+            section = {"optim": "optimizer", "filter": "grad_filter"}.get(section, section)
+            if section == "optimizer":
+                rest = "/".join(rest.rsplit(".", 1))
+        else:
+            section, _, rest = key.partition("/")
+        if section == "model":
+            state.model[rest] = tensor
+        elif section == "optimizer":
+            name, _, key_field = rest.rpartition("/")
+            state.optimizer.setdefault(name, {})[key_field] = tensor
+        elif section == "grad_filter":
+            state.grad_filter[rest] = tensor
+        else:
+            raise RunError(f"{Path(run_dir) / RESUME_FILE}: unknown entry {key!r} (expected model/, optimizer/ or grad_filter/)")
+    return state
+
+
+def resume_step(run_dir: Path) -> int | None:
+    """The step resume.safetensors holds (read from its header only), or None if there is no readable one."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(Path(run_dir) / RESUME_FILE), framework="pt") as f:
+            return int((f.metadata() or {})["step"])
+    except Exception:  # missing, damaged, or foreign: no resume point
+        return None
