@@ -132,7 +132,8 @@ def test_progress_measures_are_cached_and_recomputed_only_when_checkpoints_chang
 
     computed = []
     real = progress.measures_at
-    monkeypatch.setattr(progress, "measures_at", lambda target, freqs: computed.append(target.step) or real(target, freqs))
+    monkeypatch.setattr(progress, "measures_at",
+                        lambda target, freqs, details=None: computed.append(target.step) or real(target, freqs, details))
     again = lab.progress_measures(run)
     assert computed == [] and again.equals(first)
 
@@ -151,6 +152,36 @@ def test_progress_measures_are_cached_and_recomputed_only_when_checkpoints_chang
     cache_file.write_text("{damaged")  # a damaged cache is recomputed, not an error
     computed.clear()
     assert len(lab.progress_measures(run)) == 5 and len(computed) == 5
+
+
+def test_the_progress_cache_holds_each_checkpoints_fourier_norms_and_key_frequencies(grokked_run, tmp_path, monkeypatch):
+    """The Progress page's checkpoint slider reads them from the cache `lab analyze` / `lab demo` filled."""
+    import shutil
+
+    run = lab.load_run(shutil.copytree(grokked_run.path, tmp_path / "run"))
+    step = run.checkpoint_steps[-2]
+    expected = (lab.fourier_norms(run, step=step), lab.key_frequencies(run, step=step))
+    assert len(expected[1]) > 0  # a grokked checkpoint: key frequencies to store
+    lab.progress_measures(run)
+
+    def recompute(*args, **kwargs):
+        raise AssertionError("recomputed although cached")
+
+    monkeypatch.setattr(progress.fourier, "fourier_norms", recompute)
+    monkeypatch.setattr(progress.fourier, "key_frequencies", recompute)
+    norms, keys = progress.fourier_at(run, step)
+    assert norms.equals(expected[0]) and keys.equals(expected[1])
+    monkeypatch.undo()
+
+    # a checkpoint rewritten since the cache was filled is computed afresh
+    checkpoint = sorted((run.path / "checkpoints").iterdir())[-2]
+    os_stat = checkpoint.stat()
+    import os
+
+    os.utime(checkpoint, ns=(os_stat.st_atime_ns, os_stat.st_mtime_ns + 10**9))
+    monkeypatch.setattr(progress.fourier, "key_frequencies", recompute)
+    with pytest.raises(AssertionError, match="recomputed"):
+        progress.fourier_at(run, step)
 
 
 def test_lab_analyze_cli(tiny_modular_run, tmp_path_factory, tmp_path, capsys):

@@ -7,6 +7,7 @@ import streamlit as st
 import lab
 from dashboard import background, display, downloads, loading, selection
 from lab import plots
+from lab.analysis.progress import fourier_at
 
 st.title("Progress measures")
 st.caption("Nanda et al. 2023: the model learns a few key frequencies; restricted loss (only those) falls before "
@@ -27,7 +28,7 @@ def measures(_run, path: str, stamp):
 
 
 def _fourier(run, step: int):
-    return lab.fourier_norms(run, step=step), lab.key_frequencies(run, step=step)
+    return fourier_at(run, step)  # from the run's progress-measures cache when `lab analyze` filled it
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)

@@ -18,7 +18,7 @@ import torch
 from lab.analysis import fourier
 from lab.probe import Target
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: each checkpoint also stores its Fourier norms and key frequencies
 CACHE_FILE = os.path.join("analysis", "progress_measures.json")
 COLUMNS = ["step", "train_loss", "test_loss", "train_acc", "test_acc", "restricted_loss", "restricted_acc",
            "excluded_loss", "excluded_acc", "gini_embed", "gini_neuron_logit", "sum_sq_weights"]
@@ -32,8 +32,9 @@ def _fingerprint(run, step: int) -> list[int]:
 
 
 @torch.no_grad()
-def measures_at(target: Target, frequencies) -> dict:
-    """Every progress measure of one model (see the module docstring)."""
+def measures_at(target: Target, frequencies, details: dict | None = None) -> dict:
+    """Every progress measure of one model (see the module docstring). If `details` is a dict, the
+    checkpoint's own Fourier norms and key frequencies go into it too (what the dashboard's slider shows)."""
     from lab.losses import task_loss
 
     task, model, p = target.task, target.model, target.task.p
@@ -48,6 +49,9 @@ def measures_at(target: Target, frequencies) -> dict:
     row["gini_embed"] = fourier.gini(fourier.embed_components(model, p))
     row["gini_neuron_logit"] = fourier.gini(fourier.neuron_logit_components(model, p))
     row["sum_sq_weights"] = fourier.sum_sq_weights(model)
+    if details is not None:
+        details["fourier_norms"] = fourier.fourier_norms(model, task=task).to_dict("list")
+        details["key_frequencies"] = fourier.find_key_frequencies(acts, p).to_dict("list")
     return row
 
 
@@ -111,7 +115,9 @@ def progress_measures(run, progress: bool = False):
     # no bar when everything came from the cache: an empty bar says nothing
     for step in tqdm(todo, disable=not (progress and todo), unit="checkpoint", desc=f"progress measures of {run.name}"):
         target = last if step == steps[-1] else Target(run.model(step, cache=False), run.task, step, run.config.train.loss, run)
-        rows[str(step)] = {"fingerprint": fingerprints[str(step)], "measures": measures_at(target, frequencies)}
+        details: dict = {}
+        measures = measures_at(target, frequencies, details)
+        rows[str(step)] = {"fingerprint": fingerprints[str(step)], "measures": measures, **details}
 
     if todo or rows.keys() != cache.get("rows", {}).keys():
         try:
@@ -123,3 +129,22 @@ def progress_measures(run, progress: bool = False):
     frame = pd.DataFrame([rows[str(step)]["measures"] for step in steps], columns=COLUMNS)
     frame.attrs["key_frequencies"] = list(frequencies)
     return frame
+
+
+def fourier_at(run, step: int):
+    """(Fourier norms, key frequencies) of one checkpoint, as `lab.fourier_norms` and `lab.key_frequencies`
+    return them: read from the progress-measures cache when `lab analyze` (or `lab demo`) stored them for
+    this very checkpoint file, computed otherwise."""
+    import pandas as pd
+
+    from lab.run import Run, load_run
+
+    run = run if isinstance(run, Run) else load_run(run)
+    step = run.resolve_step(step)
+    entry = _read_cache(run.path / CACHE_FILE).get("rows", {}).get(str(step), {})
+    try:
+        if entry.get("fingerprint") == _fingerprint(run, step):
+            return pd.DataFrame(entry["fourier_norms"]), pd.DataFrame(entry["key_frequencies"])
+    except (KeyError, TypeError, ValueError, OSError):  # an older or damaged entry: compute instead
+        pass
+    return fourier.fourier_norms(run, step=step), fourier.key_frequencies(run, step=step)
