@@ -140,4 +140,5 @@ if __name__ == "__main__":  # python -m lab.bench_sweep: the figures alone, as J
     import json
     import sys
 
-    print(json.dumps(bench_sweep(sys.argv[1] if len(sys.argv) > 1 else "cpu"), indent=2))
+    progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731  (stdout is the JSON alone)
+    print(json.dumps(bench_sweep(sys.argv[1] if len(sys.argv) > 1 else "cpu", log=progress), indent=2))
