@@ -104,6 +104,15 @@ class Task(ABC):
 TASKS: dict[str, type[Task]] = {}
 
 
+def random_split(examples: Split, train_frac: float, data_seed: int) -> tuple[Split, Split]:
+    """The train/test split of a task that enumerates every example (modular, S5): one permutation of
+    all examples from `data_seed`, cut at `train_frac`."""
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(data_seed))
+    n_train = int(train_frac * len(examples))
+    train, test = order[:n_train], order[n_train:]
+    return Split(examples.tokens[train], examples.labels[train]), Split(examples.tokens[test], examples.labels[test])
+
+
 def register_task(cls: type[Task]) -> type[Task]:
     TASKS[cls.name] = cls
     return cls

@@ -15,7 +15,7 @@ from typing import Callable, Literal
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from lab.tasks.base import Split, Task, TaskConfig, register_task
+from lab.tasks.base import Split, Task, TaskConfig, random_split, register_task
 
 
 def _inverse(b: torch.Tensor, p: int) -> torch.Tensor:
@@ -133,12 +133,4 @@ class ModularTask(Task):
         return Split(tokens=tokens, labels=self._fn(a, b, self.p))
 
     def _make_splits(self) -> tuple[Split, Split]:
-        pairs = self.all_pairs()
-        generator = torch.Generator().manual_seed(self.config.data_seed)
-        order = torch.randperm(len(pairs), generator=generator)
-        n_train = int(self.config.train_frac * len(pairs))
-        train, test = order[:n_train], order[n_train:]
-        return (
-            Split(pairs.tokens[train], pairs.labels[train]),
-            Split(pairs.tokens[test], pairs.labels[test]),
-        )
+        return random_split(self.all_pairs(), self.config.train_frac, self.config.data_seed)

@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from lab.tasks.base import Split, Task, TaskConfig, register_task
+from lab.tasks.base import Split, Task, TaskConfig, random_split, register_task
 
 N = 5
 # token id -> the permutation as a tuple (0..4 in array form), lexicographic as openai/grok's
@@ -135,16 +135,7 @@ class S5Task(Task):
         return Split(tokens=tokens, labels=self.table[a, b])
 
     def _make_splits(self) -> tuple[Split, Split]:
-        # the same recipe as lab.tasks.modular: one permutation of all pairs from data_seed, cut at train_frac
-        pairs = self.all_pairs()
-        generator = torch.Generator().manual_seed(self.config.data_seed)
-        order = torch.randperm(len(pairs), generator=generator)
-        n_train = int(self.config.train_frac * len(pairs))
-        train, test = order[:n_train], order[n_train:]
-        return (
-            Split(pairs.tokens[train], pairs.labels[train]),
-            Split(pairs.tokens[test], pairs.labels[test]),
-        )
+        return random_split(self.all_pairs(), self.config.train_frac, self.config.data_seed)
 
 
 @register_task
