@@ -10,10 +10,20 @@ would abort the process).
 from __future__ import annotations
 
 import threading
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Hashable, Iterable
 
 _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dashboard-background")
+_LIVE: "weakref.WeakSet[Prefetcher]" = weakref.WeakSet()
+
+
+def stop_all(timeout: float = 120.0) -> None:
+    """Stop every prefetcher and wait for the key being computed, so that nothing writes into a run
+    folder's caches afterwards (a test about to copy or change a run folder; a server shutting down)."""
+    for prefetcher in list(_LIVE):
+        prefetcher.stop()
+    _POOL.submit(lambda: None).result(timeout)  # one worker, first in first out: the work before it is done
 
 
 class Prefetcher:
@@ -31,6 +41,7 @@ class Prefetcher:
         self._lock = threading.Lock()
         self._stopped = False
         self._next = 0
+        _LIVE.add(self)
         self._submit_next()
 
     def _submit_next(self, _finished: Future | None = None) -> None:

@@ -47,6 +47,9 @@ def app(monkeypatch):
         return AppTest.from_file(APP, default_timeout=TIMEOUT)
 
     yield make
+    from dashboard import background
+
+    background.stop_all()  # a page's background thread must not write into runs a later test copies
     st.cache_data.clear()
     st.cache_resource.clear()
 

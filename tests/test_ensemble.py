@@ -16,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -42,6 +41,7 @@ from lab.storage import (
 )
 from lab.tasks import make_task
 from lab.training import Trainer
+from test_training import wait_for_rows
 
 TIGHT_REL_DIFF = 1e-5  # rows up to TIGHT_STEPS
 TIGHT_STEPS = 80
@@ -388,16 +388,6 @@ def uninterrupted_sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("straight")
     train_ensemble([(validate_experiment(data), folder) for data, folder in long_members(root)], progress=False)
     return [read_jsonl(folder / "metrics.jsonl") for _, folder in long_members(root)]
-
-
-def wait_for_rows(path: Path, step: int, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        rows = read_jsonl(path)
-        if rows and rows[-1]["step"] >= step:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"training never reached step {step}")
 
 
 def test_sweep_process_killed_resumes_to_the_uninterrupted_result(tmp_path, uninterrupted_sweep):

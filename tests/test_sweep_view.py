@@ -21,7 +21,7 @@ from lab.config import validate_experiment
 from lab.errors import ConfigError
 from lab.tasks import make_task
 from lab.tasks.s5 import PERMUTATIONS
-from test_dashboard import APP, TIMEOUT, arr, errors, no_exception, same_figure, specs, trace_names
+from test_dashboard import app, arr, errors, no_exception, same_figure, specs, trace_names  # noqa: F401  (app: a fixture)
 
 IDENTITY = 0  # token of "01234": permutations are numbered lexicographically
 
@@ -335,22 +335,6 @@ def test_repl_figures_match_the_sweep_and_its_thresholds(sweep):
     assert lab.plot_grok_steps(str(sweep), where={"seed": 0}).data[0].z is not None
     with pytest.raises(ValueError, match="no sweep axis 'task.p'"):
         lab.plot_phase_diagram(finished, "task.p", "seed")
-
-
-@pytest.fixture
-def app(monkeypatch):
-    import streamlit as st
-    from streamlit.testing.v1 import AppTest
-
-    def make(folder) -> AppTest:
-        monkeypatch.setenv("LAB_RUNS_DIR", str(folder))
-        st.cache_data.clear()
-        st.cache_resource.clear()
-        return AppTest.from_file(APP, default_timeout=TIMEOUT)
-
-    yield make
-    st.cache_data.clear()
-    st.cache_resource.clear()
 
 
 def sweeps_page(at):
