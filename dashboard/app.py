@@ -1,6 +1,6 @@
 """The grokking-lab dashboard: `lab dashboard` runs `streamlit run` on this file (lab/dashboard_server.py).
 
-The runs folder is lab.storage.default_runs_dir() ($LAB_RUNS_DIR, default ./runs). Pages live in
+The runs folder is lab.runs.storage.default_runs_dir() ($LAB_RUNS_DIR, default ./runs). Pages live in
 views/ (not `pages/`, which Streamlit would pick up by itself). They read runs through the public
 `lab` API and the cached helpers beside this file (loading, selection, state, display, downloads,
 background), and draw with lab.plots, the figures a notebook gets from `lab.plot_*`. `dashboard` is

@@ -16,7 +16,7 @@ import streamlit as st
 
 import lab
 from lab.errors import RunError
-from lab.storage import checkpoint_path, default_runs_dir
+from lab.runs.storage import checkpoint_path, default_runs_dir
 
 # The Runs table's columns, in order (config values of tasks that lack them are left empty).
 RUN_COLUMNS = ["name", "task", "arch", "n_params", "p", "operator", "train_frac", "weight_decay", "lr", "layers", "heads", "status",

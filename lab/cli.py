@@ -29,8 +29,8 @@ def _add_runs_dir(parser: argparse.ArgumentParser) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from lab.config import load_experiment
-    from lab.storage import default_runs_dir, new_run_dir
-    from lab.training import Trainer
+    from lab.runs.storage import default_runs_dir, new_run_dir
+    from lab.training.trainer import Trainer
 
     progress = not args.quiet
     if args.resume is not None:
@@ -74,8 +74,8 @@ def _print_summary(summary: dict, run_dir) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    """Train (or continue) every member of a sweep: see `lab.sweep`."""
-    from lab.sweep import SweepSpec, run_sweep
+    """Train (or continue) every member of a sweep: see `lab.sweeps.sweep`."""
+    from lab.sweeps.sweep import SweepSpec, run_sweep
 
     spec = SweepSpec.build(args.experiment, grid=args.grid, seeds=args.seeds, overrides=args.overrides, name=args.name)
     result = run_sweep(spec, runs_dir=args.runs_dir, backend=args.backend, address=args.address, progress=not args.quiet)
@@ -91,8 +91,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_sweeps(args: argparse.Namespace) -> int:
     import json
 
-    from lab.storage import default_runs_dir
-    from lab.sweep import list_sweeps
+    from lab.runs.storage import default_runs_dir
+    from lab.sweeps.sweep import list_sweeps
 
     rows = list_sweeps(args.runs_dir)
     if args.json:
@@ -124,8 +124,8 @@ def cmd_sweeps(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     import json
 
-    from lab.run import list_runs
-    from lab.storage import default_runs_dir
+    from lab.runs.run import list_runs
+    from lab.runs.storage import default_runs_dir
 
     folder = Path(args.runs_dir or default_runs_dir())
     if folder.exists() and not folder.is_dir():
@@ -164,7 +164,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Train the quick experiments, analyse what the dashboard's pages show, then open the dashboard on them."""
     from lab.analysis.heads import precompute_heads
     from lab.analysis.progress import progress_measures
-    from lab.run import load_run
+    from lab.runs.run import load_run
 
     for experiment in ("modadd_quick", "a_and_b"):
         train_args = argparse.Namespace(experiment=experiment, overrides=[], name=None, runs_dir=args.runs_dir,
@@ -206,7 +206,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         if not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA device is available on this machine; use --device cpu")
-    from lab.bench import main as bench_main
+    from lab.bench.suite import main as bench_main
 
     return bench_main(quick=args.quick, device=args.device, max_steps=args.max_steps, json_path=args.json, rounds=args.rounds)
 
@@ -217,7 +217,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_analyze(args: argparse.Namespace) -> int:
     """Nanda et al.'s progress measures at every checkpoint of a modular run, stored in RUN/analysis/."""
     from lab.analysis.progress import CACHE_FILE, progress_measures
-    from lab.run import load_run
+    from lab.runs.run import load_run
 
     run = load_run(args.run, args.runs_dir)
     frame = progress_measures(run, progress=not args.quiet)

@@ -32,7 +32,7 @@ EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 
 
 class ModelConfig(StrictModel):
-    # Which model (lab/architectures.py): the transformer of lab/model.py, or one rung below it on the
+    # Which model (lab/models/architectures.py): the transformer of lab/models/transformer.py, or one rung below it on the
     # ladder perceptron -> MLP -> CNN -> transformer. d_model is every architecture's embedding width;
     # each keeps its own width fields, so one TOML holds them all and a sweep over `arch` alone
     # compares matched budgets.
@@ -74,7 +74,7 @@ class ModelConfig(StrictModel):
 
 
 class GradFilterConfig(StrictModel):
-    """Grokfast gradient filters (Lee et al. 2024); see `lab.recipes`."""
+    """Grokfast gradient filters (Lee et al. 2024); see `lab.training.recipes`."""
 
     kind: Literal["none", "ema", "ma"] = "none"
     alpha: float = Field(0.98, ge=0.0, lt=1.0, description="EMA momentum")
@@ -191,7 +191,7 @@ MAX_EXPERIMENT_BYTES = 1 << 20  # an experiment file is a few hundred bytes
 def read_toml(path: Path) -> dict:
     """An experiment file as a dict; too large, not UTF-8 or not TOML is one ConfigError line naming the file."""
     from lab.errors import LabError
-    from lab.storage import read_text
+    from lab.files import read_text
 
     try:
         return tomllib.loads(read_text(path, limit=MAX_EXPERIMENT_BYTES))

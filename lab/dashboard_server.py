@@ -22,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lab.storage import RUNS_DIR_ENV, default_runs_dir
+from lab.runs.storage import RUNS_DIR_ENV, default_runs_dir
 
 # Streamlit options every `lab dashboard` runs with (besides the address and port).
 SETTINGS = {

@@ -65,7 +65,7 @@ def measure(runs_dir: Path, repeat: int, pages: list[str], app: Path = APP) -> d
     import streamlit as st
     from streamlit.testing.v1 import AppTest
 
-    from lab.run import list_runs
+    from lab.runs.run import list_runs
 
     os.environ["LAB_RUNS_DIR"] = str(runs_dir)
     runs = {row["name"]: row for row in list_runs(runs_dir) if row.get("status") != "damaged"}
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated pages to time (default: all)")
     parser.add_argument("--app", type=Path, default=APP, help="the app to time (default: this checkout's dashboard)")
     args = parser.parse_args(argv)
-    from lab.storage import default_runs_dir
+    from lab.runs.storage import default_runs_dir
 
     runs_dir = Path(args.runs_dir) if args.runs_dir else default_runs_dir()
     pages = [p.strip() for p in args.pages.split(",") if p.strip()]

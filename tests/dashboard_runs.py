@@ -22,8 +22,8 @@ A_AND_B = [
 
 def train(runs_dir: Path, experiment: str, name: str, overrides: list[str]) -> Path:
     from lab.config import load_experiment
-    from lab.storage import new_run_dir
-    from lab.training import Trainer
+    from lab.runs.storage import new_run_dir
+    from lab.training.trainer import Trainer
 
     config = load_experiment(experiment, overrides).resolve()
     run_dir = new_run_dir(runs_dir, name, exact=True)

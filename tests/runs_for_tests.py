@@ -48,7 +48,7 @@ def trained_run(name: str, tmp_path_factory) -> Path:
     """The run folder of RUN_SETTINGS[name], trained on first use."""
     if name not in _trained:
         from lab.config import load_experiment
-        from lab.training import Trainer
+        from lab.training.trainer import Trainer
 
         experiment, overrides = RUN_SETTINGS[name]
         run_dir = runs_root(tmp_path_factory) / name

@@ -1,5 +1,5 @@
 """A small real sweep for the Sweeps page's tests (tests/test_sweep_view.py, tests/test_browser.py),
-trained once per test session in-process with `lab.sweep.run_sweep`: p = 11 modular addition,
+trained once per test session in-process with `lab.sweeps.sweep.run_sweep`: p = 11 modular addition,
 model.init_scale (1, 2) x train.weight_decay (0.1, 1) x 2 seeds = 8 members of 80 steps, one
 vectorised group. One member is then made to look unfinished (status "running"), as a sweep that is
 still training would.
@@ -43,7 +43,7 @@ UNFINISHED = "init_scale2.0-weight_decay1.0-seed1"
 
 
 def make_sweep(runs_dir: Path) -> Path:
-    from lab.sweep import SweepSpec, run_sweep
+    from lab.sweeps.sweep import SweepSpec, run_sweep
 
     runs_dir = Path(runs_dir)
     experiment = runs_dir.parent / "tinysweep.toml"

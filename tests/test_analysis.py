@@ -35,7 +35,7 @@ def synthetic_fourier_model(p: int, frequencies: list[int], per_frequency: int =
     uniformly over [a, b, =] and copies the embeddings (x3 in W_in undoes the 1/3), and neuron j
     reads frequency frequencies[j // per_frequency] at phase φ_j."""
     from lab.config import load_experiment
-    from lab.model import Transformer
+    from lab.models.transformer import Transformer
     from lab.tasks import make_task
 
     d_model = 2 * len(frequencies)
@@ -138,7 +138,7 @@ def test_progress_measures_are_cached_and_recomputed_only_when_checkpoints_chang
     assert computed == [] and again.equals(first)
 
     # a changed checkpoint (same step, new weights) and a new one are recomputed, nothing else
-    from lab.storage import checkpoint_path, load_tensors, save_tensors
+    from lab.runs.storage import checkpoint_path, load_tensors, save_tensors
 
     weights, meta = load_tensors(checkpoint_path(run.path, 4))
     save_tensors(checkpoint_path(run.path, 4), {k: v * 0.5 for k, v in weights.items()}, meta)

@@ -12,10 +12,10 @@ import torch
 from conftest import tiny, tiny_data
 from torch.utils.flop_counter import FlopCounterMode
 
-from lab import bench
+from lab.bench import suite as bench
 from lab.config import load_experiment
-from lab.recipes import RECIPES
-from lab.training import Trainer
+from lab.training.recipes import RECIPES
+from lab.training.trainer import Trainer
 
 
 def counted_step_flops(config) -> tuple[int, int]:

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 import dashboard_runs
-from lab.storage import acquire_writer
+from lab.runs.storage import acquire_writer
 import sweep_runs
 
 CHROMIUM = "/usr/bin/chromium"

@@ -106,7 +106,7 @@ def test_runs_lists_a_damaged_run_without_failing(tmp_path):
 
 def test_analyze_shows_a_progress_bar_only_when_there_is_something_to_compute(tmp_path, capsys):
     from lab.cli import main
-    from lab.training import Trainer
+    from lab.training.trainer import Trainer
 
     Trainer(tiny(), tmp_path / "tiny", progress=False).run()  # checkpoints at steps 0, 10, 20, 30
     assert main(["analyze", str(tmp_path / "tiny")]) == 0

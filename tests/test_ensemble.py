@@ -1,4 +1,4 @@
-"""The stacked ensemble (lab/ensemble.py): every member trains as its own `lab train` would.
+"""The stacked ensemble (lab/sweeps/ensemble.py): every member trains as its own `lab train` would.
 
 How exact: a member does the standalone Trainer's arithmetic in another summation order, so its
 numbers equal a standalone run's to float rounding: over the first 80 steps of the runs below
@@ -23,7 +23,7 @@ import torch
 
 import lab
 from lab.config import validate_experiment
-from lab.ensemble import (
+from lab.sweeps.ensemble import (
     StackedEnsemble,
     _Layout,
     group_by_shape,
@@ -32,15 +32,15 @@ from lab.ensemble import (
     vectorisable,
 )
 from lab.errors import ConfigError, RunError
-from lab.model import Transformer
-from lab.storage import (
+from lab.models.transformer import Transformer
+from lab.runs.storage import (
     checkpoint_steps,
     load_resume_state,
     read_jsonl,
     save_resume_state,
 )
 from lab.tasks import make_task
-from lab.training import Trainer
+from lab.training.trainer import Trainer
 from test_training import wait_for_rows
 
 TIGHT_REL_DIFF = 1e-5  # rows up to TIGHT_STEPS
@@ -362,7 +362,7 @@ SWEEP_SCRIPT = """
 import json, sys
 from pathlib import Path
 from lab.config import validate_experiment
-from lab.ensemble import train_ensemble
+from lab.sweeps.ensemble import train_ensemble
 members = [(validate_experiment(data), Path(folder)) for data, folder in json.loads(sys.argv[1])]
 train_ensemble(members, progress=False)
 """
@@ -442,7 +442,7 @@ def test_resume_state_that_does_not_fit_is_one_clear_error(tmp_path):
 
 def test_bench_sweep_reports_its_figures():
     """`lab bench`'s sweep figures (a smoke test of the harness: one timed round, no speed asserted)."""
-    from lab.bench_sweep import bench_sweep, sweep_configs
+    from lab.bench.sweep import bench_sweep, sweep_configs
 
     configs = sweep_configs("small")
     assert len(configs) == 64 and len(group_by_shape(configs)) == 1

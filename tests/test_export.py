@@ -44,7 +44,7 @@ def test_a_and_b_export_with_padding_mask(a_and_b_run):
 @torch.no_grad()
 def test_layernorm_gelu_attn_only_models_export_exactly():
     from lab.config import load_experiment
-    from lab.model import Transformer
+    from lab.models.transformer import Transformer
     from lab.tasks import make_task
 
     for overrides in (["model.normalization=LN", "model.act_fn=gelu", "model.n_layers=2"], ["model.attn_only=true"]):
@@ -81,7 +81,7 @@ def test_settings_the_bridge_cannot_represent_fail_clearly(grokked_run, monkeypa
     """A model setting the export does not translate must refuse, not build a bridge computing something else.
     (Every setting the lab has today is translatable, so the export's tables are narrowed to stand in for
     a future one.)"""
-    from lab import export
+    from lab.models import export
 
     model = lab.Transformer(grokked_run.config.model.model_copy(update={"seed": 5, "act_fn": "gelu"}))
     monkeypatch.setattr(export, "SUPPORTED", {**export.SUPPORTED, "act_fn": ("relu",)})

@@ -9,10 +9,10 @@ import torch
 from conftest import TINY
 
 from lab.config import ModelConfig, validate_experiment
-from lab.fast_forward import hooks_attached
-from lab.model import Transformer
-from lab.storage import read_jsonl
-from lab.training import Trainer, evaluate
+from lab.models.transformer import hooks_attached
+from lab.models.transformer import Transformer
+from lab.runs.storage import read_jsonl
+from lab.training.trainer import Trainer, evaluate
 
 
 def model(**overrides) -> Transformer:
@@ -162,7 +162,7 @@ def test_train_metrics_from_the_update_forward_equal_a_separate_evaluation(tmp_p
     trainer = Trainer(config, tmp_path / "run", progress=False)
     trainer.run()
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
-    from lab.storage import load_tensors
+    from lab.runs.storage import load_tensors
 
     for row in rows[:-1]:  # the last row has no update after it and is evaluated directly
         weights, _ = load_tensors(tmp_path / "run" / "checkpoints" / f"step_{row['step']:07d}.safetensors")
@@ -174,10 +174,10 @@ def test_train_metrics_from_the_update_forward_equal_a_separate_evaluation(tmp_p
 
 
 def test_stop_after_grok_ends_the_run_at_the_first_eval_that_far_past_grok(tmp_path, monkeypatch):
-    import lab.outcomes
+    import lab.runs.outcomes
 
     # "grokked" = test acc >= 0 here: grok at step 0, so the test is about where the run stops
-    monkeypatch.setattr(lab.outcomes, "GROK_ACC", 0.0)
+    monkeypatch.setattr(lab.runs.outcomes, "GROK_ACC", 0.0)
     data = json.loads(json.dumps(TINY))
     data["train"].update(steps=400, lr=1e-2, eval_every=5, checkpoint_every=1000, stop_after_grok=12)
     summary = Trainer(validate_experiment(data), tmp_path / "run", progress=False).run()

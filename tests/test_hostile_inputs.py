@@ -29,7 +29,8 @@ import pytest
 import torch
 from conftest import tiny, tiny_data
 
-from lab import cli, storage
+from lab import cli
+from lab.runs import storage
 from lab.errors import LabError, RunError, RunLockedError, StorageError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +51,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     """One finished tiny run (30 steps, checkpoints at 0, 10, 20, 30), copied by every case."""
-    from lab.training import Trainer
+    from lab.training.trainer import Trainer
 
     torch.set_num_threads(1)
     run = tmp_path_factory.mktemp("hostile_base") / "runs" / "r"
@@ -651,7 +652,7 @@ def test_writer_lock_rules(tmp_path):
 
 
 def test_two_trainers_on_one_folder_in_one_process_cannot_interleave(tmp_path):
-    from lab.training import Trainer
+    from lab.training.trainer import Trainer
 
     folder = tmp_path / "r"
     with storage.run_lock(folder):

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from conftest import tiny_data
 
-from lab import storage
+from lab.runs import storage
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # the same in every process: bit-for-bit

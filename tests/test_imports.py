@@ -52,7 +52,7 @@ def _resolve(node: ast.ImportFrom, importer: str) -> str:
 
 
 def lab_imports(name: str) -> set[str]:
-    """The lab modules `name` imports anywhere in its source (`from lab import storage` counts as lab.storage)."""
+    """The lab modules `name` imports anywhere in its source (`from lab.runs import storage` counts as lab.runs.storage)."""
     tree = ast.parse(MODULES[name].read_text(), filename=str(MODULES[name]))
     found = set()
     for node in _import_nodes(tree):
@@ -95,8 +95,8 @@ def test_the_checker_finds_cycles_and_reads_every_kind_of_import():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
     # lazy, aliased and `from lab import module` imports all count; type-checking-only ones do not
-    assert {"lab.storage", "lab.errors"} <= GRAPH["lab.run"]
-    assert "lab.model" in GRAPH["lab.training"] and "lab.tasks" in GRAPH["lab.config"]
+    assert {"lab.runs.storage", "lab.errors"} <= GRAPH["lab.runs.run"]
+    assert "lab.models.transformer" in GRAPH["lab.training.trainer"] and "lab.tasks" in GRAPH["lab.config"]
     assert len(MODULES) > 20 and "lab.tasks.base" in MODULES and "lab.analysis.progress" in MODULES
 
 
@@ -105,10 +105,55 @@ def test_no_import_cycle_inside_lab():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+# The layers, lowest first: data flows task -> model -> trainer -> run folder -> analysis -> figures
+# -> the CLI and the dashboard. A module may import its own layer and the layers below it, never one above.
+LAYERS = [
+    ["lab", "lab.errors", "lab.schema", "lab.files"],
+    ["lab.tasks"],
+    ["lab.config"],
+    ["lab.models"],
+    ["lab.runs"],
+    ["lab.training"],
+    ["lab.sweeps"],
+    ["lab.analysis"],
+    ["lab.plots"],
+    ["lab.bench"],
+    ["lab.cli", "lab.dashboard_server", "lab.dashboard_timing"],
+]
+
+
+def layer_of(module: str) -> int:
+    """The index in LAYERS of the longest prefix naming `module`'s package or module."""
+    best, best_len = None, -1
+    for index, names in enumerate(LAYERS):
+        for name in names:
+            if (module == name or module.startswith(name + ".")) and len(name) > best_len:
+                best, best_len = index, len(name)
+    assert best is not None, f"{module} is in no layer: add it to LAYERS"
+    return best
+
+
+def test_every_module_has_a_layer():
+    for name in MODULES:
+        layer_of(name)
+
+
+def test_no_package_imports_one_above_it():
+    upward = [f"{name} (layer {layer_of(name)}) imports {module} (layer {layer_of(module)})"
+              for name in sorted(MODULES) for module in sorted(GRAPH[name])
+              if module != "lab" and layer_of(module) > layer_of(name)]
+    assert upward == [], "imports against the layering:\n" + "\n".join(upward)
+
+
+def test_the_layering_check_can_fail():
+    assert layer_of("lab.models.transformer") < layer_of("lab.training.trainer") < layer_of("lab.analysis.fourier")
+    assert layer_of("lab.runs.storage") > layer_of("lab.files")
+
+
 def test_tasks_models_and_storage_sit_below_what_uses_them():
-    """The layers the issue names: tasks know nothing of experiments, the model nothing of its exports,
-    storage nothing of training or models, and the errors module nothing at all."""
+    """Within the layers: tasks know nothing of experiments, the model nothing of its exports, storage
+    nothing of training or models, and the errors module nothing at all."""
     assert not any(module.startswith("lab.config") for name in MODULES if name.startswith("lab.tasks") for module in GRAPH[name])
-    assert "lab.export" not in GRAPH["lab.model"]
+    assert "lab.models.export" not in GRAPH["lab.models.transformer"]
     assert GRAPH["lab.errors"] == set()
-    assert GRAPH["lab.storage"] <= {"lab.errors"}
+    assert GRAPH["lab.runs.storage"] <= {"lab.errors", "lab.files"}

@@ -16,11 +16,11 @@ import torch
 from conftest import tiny
 
 import lab
-from lab.architectures import ARCHS, build_model, count_params, n_params, require_attention
+from lab.models.architectures import ARCHS, build_model, count_params, n_params, require_attention
 from lab.config import load_experiment, load_sweep_table, validate_experiment
-from lab.storage import read_jsonl
+from lab.runs.storage import read_jsonl
 from lab.tasks import make_task
-from lab.training import Trainer
+from lab.training.trainer import Trainer
 
 OTHER_ARCHS = [arch for arch in ARCHS if arch != "transformer"]
 WIDTHS = {"mlp_width": 24, "cnn_channels": 12, "cnn_layers": 2, "linear_width": 0}

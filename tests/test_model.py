@@ -5,7 +5,7 @@ import torch
 from transformer_lens import ActivationCache
 
 from lab.config import ExperimentConfig
-from lab.model import Transformer
+from lab.models.transformer import Transformer
 from lab.tasks import make_task
 
 HOOKS_PER_LAYER = [

@@ -179,7 +179,7 @@ def test_letter_attention_names_a_head_per_letter(a_and_b_run, grokked_run):
 
 def reference_ablation(model, task, split, method, hook_name, index, loss_kind="softmax"):
     """(loss, accuracy) on `split` with act[index] of `hook_name` zeroed or set to its per-position mean."""
-    from lab.losses import task_loss
+    from lab.training.losses import task_loss
 
     data = task.split(split)
     real = (data.tokens != task.pad_token_id).float() if task.pad_token_id is not None else torch.ones(data.tokens.shape)
@@ -221,7 +221,7 @@ def two_layer_models():
     """Untrained 2-layer models: causal with positions (modular) and bidirectional with padding (a_and_b),
     so that earlier-layer ablations, LayerNorm and padding all take the general path."""
     from lab.config import load_experiment
-    from lab.model import Transformer
+    from lab.models.transformer import Transformer
     from lab.tasks import make_task
 
     models = []
@@ -257,7 +257,7 @@ def test_fast_head_ablation_equals_the_hook_reference(which, grokked_run, a_and_
             assert frame["accuracy"].tolist() == [e[1] for e in expected], (split, method)
     if task.name == "a_and_b":
         from lab.analysis.heads import letter_masses
-        from lab.probe import Target
+        from lab.analysis.probe import Target
 
         rows = letter_masses(Target(model, task, None), "test")
         on_a, on_b = reference_letter_masses(model, task, "test")

@@ -7,7 +7,7 @@ import pytest
 
 from lab.config import validate_experiment
 from lab.tasks import TASKS
-from lab.training import Trainer
+from lab.training.trainer import Trainer
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

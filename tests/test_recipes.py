@@ -8,9 +8,9 @@ import torch
 from conftest import tiny_data
 
 from lab.config import GradFilterConfig, apply_overrides, load_experiment, validate_experiment
-from lab.losses import stablemax, task_loss
-from lab.recipes import RECIPES, GradFilter, orthogonalize_gradients, recipe_overrides
-from lab.training import Trainer
+from lab.training.losses import stablemax, task_loss
+from lab.training.recipes import RECIPES, GradFilter, orthogonalize_gradients, recipe_overrides
+from lab.training.trainer import Trainer
 
 
 def params_with_grads(grads: list[torch.Tensor]) -> list[tuple[str, torch.nn.Parameter]]:

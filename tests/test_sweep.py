@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from lab import storage
+from lab.runs import storage
 from lab.cli import main
-from lab.sweep import PHASES, SWEEP_FILE, SweepSpec, load_sweep, phase_of, prepare_sweep, sweep_record
+from lab.sweeps.sweep import PHASES, SWEEP_FILE, SweepSpec, load_sweep, phase_of, prepare_sweep, sweep_record
 
 TINY_SET = ["task.p=11", "model.d_model=32", "model.n_heads=2", "model.d_head=16", "model.d_mlp=64",
             "train.eval_every=10", "train.checkpoint_every=20", "train.log_checkpoints=0", "train.device=cpu"]
@@ -52,19 +52,19 @@ def file_mtimes(folder: Path) -> dict[str, int]:
 
 
 class EnsembleSpy:
-    """Records the member count of every `lab.ensemble.train_ensemble` call (the real function still trains)."""
+    """Records the member count of every `lab.sweeps.ensemble.train_ensemble` call (the real function still trains)."""
 
     def __init__(self, monkeypatch):
-        import lab.ensemble
+        import lab.sweeps.ensemble
 
         self.calls: list[int] = []
-        real = lab.ensemble.train_ensemble
+        real = lab.sweeps.ensemble.train_ensemble
 
         def spy(members, *args, **kwargs):
             self.calls.append(len(members))
             return real(members, *args, **kwargs)
 
-        monkeypatch.setattr(lab.ensemble, "train_ensemble", spy)
+        monkeypatch.setattr(lab.sweeps.ensemble, "train_ensemble", spy)
 
 
 @pytest.fixture(scope="module")
@@ -325,7 +325,7 @@ def local_ray():
 
 
 def test_ray_backend_trains_and_continues_a_sweep_like_local(local_ray, tmp_path, capsys):
-    from lab.ensemble import train_ensemble
+    from lab.sweeps.ensemble import train_ensemble
 
     grid = ["--grid", "train.weight_decay=0.3,1,3", "--seeds", "2"]
     local, on_ray = tmp_path / "local", tmp_path / "ray"
@@ -362,7 +362,7 @@ def test_ray_backend_without_ray_names_the_extra(tmp_path, monkeypatch, capsys):
 
 
 def test_chunking_spreads_groups_over_cpus():
-    from lab.sweep_ray import chunk_sizes
+    from lab.sweeps.ray_backend import chunk_sizes
 
     assert chunk_sizes(12, 2) == [6, 6]
     assert chunk_sizes(64, 2) == [16, 16, 16, 16]

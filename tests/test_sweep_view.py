@@ -155,7 +155,7 @@ def test_s5_config_errors_are_one_line():
 
 
 def test_s5_trains_standalone(tmp_path):
-    from lab.training import Trainer
+    from lab.training.trainer import Trainer
 
     config = validate_experiment({
         "task": {"name": "s5", "train_frac": 0.1},
@@ -172,7 +172,7 @@ def test_s5_trains_standalone(tmp_path):
 
 
 def test_init_scale_multiplies_every_weight_matrix_and_defaults_to_the_standard_init():
-    from lab.model import Transformer
+    from lab.models.transformer import Transformer
 
     base = validate_experiment({"task": {"name": "modular", "p": 11}, "model": {"d_model": 16, "d_head": 8, "n_heads": 2,
                                                                                  "d_mlp": 32}}).resolve()
@@ -450,7 +450,7 @@ def test_sweeps_page_without_sweeps_and_with_a_damaged_one(sweep, app, tmp_path)
 ])
 def test_reproductions_are_valid_sweeps_and_say_how_they_differ_from_the_paper(experiment, axes, members):
     from lab.config import experiment_path, load_experiment
-    from lab.sweep import SweepSpec
+    from lab.sweeps.sweep import SweepSpec
 
     spec = SweepSpec.build(experiment)
     assert set(spec.axes) == axes and len(spec.members()) == members

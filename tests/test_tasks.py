@@ -126,7 +126,7 @@ def test_a_and_b_config_errors():
 
 
 def test_a_prediction_prints_as_its_answer_not_its_whole_distribution():
-    from lab.prediction import prediction_from_logits
+    from lab.models.prediction import prediction_from_logits
 
     task = make_task({"name": "modular", "p": 59})
     logits = torch.zeros(59)

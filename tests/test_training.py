@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import tiny, tiny_data
 
-import lab.outcomes
-from lab.storage import ResumeState, checkpoint_steps, load_resume_state, load_tensors, read_jsonl, save_tensors
-from lab.training import Trainer, checkpoint_schedule
+import lab.runs.outcomes
+from lab.runs.storage import ResumeState, checkpoint_steps, load_resume_state, load_tensors, read_jsonl, save_tensors
+from lab.training.trainer import Trainer, checkpoint_schedule
 
 LONGER = {"steps": 120, "checkpoint_every": 50, "log_checkpoints": 4}
 
@@ -170,7 +170,7 @@ def test_resume_state_is_readable_and_old_resume_files_still_resume(tmp_path):
 
 
 def test_a_run_stopped_after_grokking_ends_its_progress_bar_full_and_says_why(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(lab.outcomes, "GROK_ACC", 0.0)  # grokked at step 0: the run stops at the first eval >= 12
+    monkeypatch.setattr(lab.runs.outcomes, "GROK_ACC", 0.0)  # grokked at step 0: the run stops at the first eval >= 12
     summary = Trainer(tiny(steps=400, eval_every=5, stop_after_grok=12), tmp_path / "run", progress=True).run()
     assert summary["step"] == 15
     last_frame = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]

@@ -1,7 +1,7 @@
 """Sweeps: a sweep's phase diagram over any two axes (Liu et al. 2022), its grok steps, and any outcome
 against one axis with the spread over seeds (Power et al. 2022's Figures 1 and 2); picking a cell opens
 its members' curves. The figures are `lab.plot_phase_diagram`, `lab.plot_grok_steps` and
-`lab.plot_sweep_outcome`'s (lab/plots.py), drawn from the same members table."""
+`lab.plot_sweep_outcome`'s (lab/plots/), drawn from the same members table."""
 
 from __future__ import annotations
 

@@ -33,10 +33,10 @@ from dataclasses import dataclass
 import torch
 from einops import einsum
 
-from lab import storage
-from lab.prediction import integer_list
-from lab.architectures import require_attention
-from lab.probe import Target, resolve_target
+from lab.runs import storage
+from lab.models.prediction import integer_list
+from lab.models.architectures import require_attention
+from lab.analysis.probe import Target, resolve_target
 
 METHODS = ("zero", "mean")
 SPLITS = ("train", "test")
@@ -240,7 +240,7 @@ def _chunks(model, tokens: torch.Tensor):
 
 def _score(target: Target, logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
     """(mean loss, accuracy) of (batch, vocab) logits, the loss in float64 as in training's evaluation."""
-    from lab.losses import task_loss
+    from lab.training.losses import task_loss
 
     loss = task_loss(logits, labels, target.loss_kind, torch.float64).item()
     return loss, (logits.argmax(-1) == labels).double().mean().item()
@@ -373,7 +373,7 @@ def _run_of(run_or_model, task):
     """The Run behind `run_or_model` (loaded from a path or name), or None for a bare model."""
     import os
 
-    from lab.run import Run, load_run
+    from lab.runs.run import Run, load_run
 
     if isinstance(run_or_model, (str, os.PathLike)):
         run_or_model = load_run(run_or_model)
@@ -442,8 +442,8 @@ def ablate_neurons(run_or_model, neurons: list[int], layer: int = 0, split: str 
     _check(split, method)
     target = private_target(run_or_model, step, task)
     model, cfg = target.model, target.model.cfg
-    if cfg.arch != "transformer":  # the MLP's and CNN's hidden layers (lab/architectures.py)
-        from lab.architectures import ablate_hidden_neurons
+    if cfg.arch != "transformer":  # the MLP's and CNN's hidden layers (lab/models/architectures.py)
+        from lab.models.architectures import ablate_hidden_neurons
 
         return ablate_hidden_neurons(target, neurons, layer, split, method, lambda logits, labels: _score(target, logits, labels))
     if cfg.attn_only:

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from lab.architectures import require_attention
-from lab.prediction import prediction_from_logits
+from lab.models.architectures import require_attention
+from lab.models.prediction import prediction_from_logits
 from lab.analysis.ablation import private_target  # run_with_cache hooks stay on a private copy of the model
-from lab.probe import Target, encode_input
+from lab.analysis.probe import Target, encode_input
 
 
 @dataclass(frozen=True)

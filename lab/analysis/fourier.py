@@ -23,7 +23,7 @@ answer c off cos(w_k (a + b − c)). This module measures that:
 The neuron-logit path is exact only without LayerNorm, so these analyses need a modular model
 with an MLP and `normalization = "none"` (Nanda et al.'s setup); others raise ValueError.
 
-The same analyses read the other architectures of the ladder (lab/architectures.py `readout`): for
+The same analyses read the other architectures of the ladder (lab/models/architectures.py `readout`): for
 `arch = "mlp"` the neurons are its last hidden layer and W_L is its unembedding W_U (the logits are
 linear in them); for `arch = "cnn"` its max-pooled channels. Both embed tokens with a `W_E`, so the
 embedding's Fourier norms are measured the same way. The perceptron has no neurons: ValueError.
@@ -35,7 +35,7 @@ import math
 
 import torch
 
-from lab.probe import Target, resolve_target
+from lab.analysis.probe import Target, resolve_target
 
 NEURON_SHARE = 0.5  # a neuron counts for its dominant frequency when that frequency holds this share of its variance
 KEY_SHARE = 0.05  # a key frequency is dominant for at least this share of the active neurons
@@ -88,7 +88,7 @@ def modular_target(run_or_model, step: int | None = None, task=None) -> Target:
 
 
 def check_fourier_model(target: Target) -> None:
-    from lab.architectures import readout
+    from lab.models.architectures import readout
 
     task, cfg = target.task, target.model.cfg
     if task.name != "modular":
@@ -107,8 +107,8 @@ def check_fourier_model(target: Target) -> None:
 
 def neuron_logit_map(model) -> torch.Tensor:
     """W_L = W_out W_U of the last layer's MLP: (d_mlp, d_vocab_out), float64 (for other architectures the
-    map from their last hidden features to the logits: lab.architectures.readout)."""
-    from lab.architectures import readout
+    map from their last hidden features to the logits: lab.models.architectures.readout)."""
+    from lab.models.architectures import readout
 
     return readout(model).logit_map
 
@@ -117,7 +117,7 @@ def neuron_logit_map(model) -> torch.Tensor:
 def grid_activations(target: Target) -> tuple[torch.Tensor, torch.Tensor]:
     """Over all (a, b) in row-major order: (logits (p*p, d_vocab_out), last-layer neuron activations
     (p*p, d_mlp)), both at the `=` position, float64 on CPU."""
-    from lab.architectures import readout
+    from lab.models.architectures import readout
 
     model = target.model
     neurons = readout(model)
@@ -251,7 +251,7 @@ def sum_directions(p: int, frequencies) -> torch.Tensor:
 def restricted_and_excluded(target: Target, frequencies, logits: torch.Tensor | None = None,
                             acts: torch.Tensor | None = None) -> dict:
     """Restricted loss/accuracy (test split) and excluded loss/accuracy (train split) for these key frequencies."""
-    from lab.losses import task_loss
+    from lab.training.losses import task_loss
 
     check_fourier_model(target)
     task, p = target.task, target.task.p

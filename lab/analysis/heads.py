@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from lab.analysis.ablation import (FINDS_RATIO, METHODS, SPLITS, _run_of, ablate_heads, cached, is_cached,
                                    letter_masses, private_target, split_entries)
-from lab.architectures import require_attention
-from lab.probe import Target, resolve_target
+from lab.models.architectures import require_attention
+from lab.analysis.probe import Target, resolve_target
 
 def letter_attention(run, step: int | None = None, split: str = "test", cache: bool = True):
     """One row per head: component, layer, head, mass_on_a, mass_on_b, ablated_accuracy (head zeroed),

@@ -16,7 +16,7 @@ import warnings
 import torch
 
 from lab.analysis import fourier
-from lab.probe import Target
+from lab.analysis.probe import Target
 
 CACHE_VERSION = 2  # 2: each checkpoint also stores its Fourier norms and key frequencies
 CACHE_FILE = os.path.join("analysis", "progress_measures.json")
@@ -25,7 +25,7 @@ COLUMNS = ["step", "train_loss", "test_loss", "train_acc", "test_acc", "restrict
 
 
 def _fingerprint(run, step: int) -> list[int]:
-    from lab.storage import checkpoint_path
+    from lab.runs.storage import checkpoint_path
 
     stat = checkpoint_path(run.path, step).stat()
     return [stat.st_size, stat.st_mtime_ns]
@@ -35,7 +35,7 @@ def _fingerprint(run, step: int) -> list[int]:
 def measures_at(target: Target, frequencies, details: dict | None = None) -> dict:
     """Every progress measure of one model (see the module docstring). If `details` is a dict, the
     checkpoint's own Fourier norms and key frequencies go into it too (what the dashboard's slider shows)."""
-    from lab.losses import task_loss
+    from lab.training.losses import task_loss
 
     task, model, p = target.task, target.model, target.task.p
     logits, acts = fourier.grid_activations(target)
@@ -82,8 +82,8 @@ def progress_measures(run, progress: bool = False):
     import pandas as pd
 
     from lab.errors import RunError
-    from lab.run import Run, load_run
-    from lab.storage import atomic_write_json
+    from lab.runs.run import Run, load_run
+    from lab.runs.storage import atomic_write_json
 
     run = run if isinstance(run, Run) else load_run(run)
     steps = run.checkpoint_steps
@@ -137,7 +137,7 @@ def fourier_at(run, step: int):
     this very checkpoint file, computed otherwise."""
     import pandas as pd
 
-    from lab.run import Run, load_run
+    from lab.runs.run import Run, load_run
 
     run = run if isinstance(run, Run) else load_run(run)
     step = run.resolve_step(step)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformer_lens.hook_points import HookPoint
 
-from lab.pooled import PooledModel, masked_mean
+from lab.models.pooled import PooledModel, masked_mean
 
 
 class HiddenLayer(nn.Module):

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Callable
 
 from lab.errors import ConfigError
-from lab.storage import available_memory_bytes
+from lab.files import available_memory_bytes
 
 FLOAT_BYTES = 4
 

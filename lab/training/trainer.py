@@ -31,17 +31,17 @@ from pathlib import Path
 
 import torch
 
-from lab import storage
-from lab.batching import batches
+from lab.runs import storage
+from lab.training.batching import batches
 from lab.config import ExperimentConfig
 from lab.errors import RunError
-from lab.limits import check_fits
-from lab.losses import task_loss
-from lab.architectures import build_model, count_params
-from lab.model import Transformer
-from lab.outcomes import grok_step, memorize_step
-from lab.recipes import GradFilter, orthogonalize_gradients
-from lab.storage import ResumeState
+from lab.models.limits import check_fits
+from lab.training.losses import task_loss
+from lab.models.architectures import build_model, count_params
+from lab.models.transformer import Transformer
+from lab.runs.outcomes import grok_step, memorize_step
+from lab.training.recipes import GradFilter, orthogonalize_gradients
+from lab.runs.storage import ResumeState
 from lab.tasks import Split, Task, make_task
 
 
@@ -63,7 +63,7 @@ def checkpoint_schedule(steps: int, every: int, n_log: int) -> set[int]:
 
 @torch.no_grad()
 def evaluate(model: Transformer, split: Split, task: Task, config: ExperimentConfig) -> tuple[float, float]:
-    """(mean loss, accuracy) of the model on a split, in chunks to bound memory (see `lab.batching`)."""
+    """(mean loss, accuracy) of the model on a split, in chunks to bound memory (see `lab.training.batching`)."""
     total_loss, correct = 0.0, 0
     dtype = torch.float64 if config.train.loss_dtype == "float64" else torch.float32
     for start, tokens in batches(split.tokens, config.model.n_heads):
@@ -134,7 +134,7 @@ def divergence_hint(tc, diverged_at: int) -> str:
 
 def run_summary(run_dir: Path, config: ExperimentConfig, status: str, step: int, rows: list[dict], device, n_params: int,
                 diverged_at: int | None, started_at: float) -> dict:
-    """summary.json's contents, for a run trained alone (`Trainer`) or as an ensemble member (lab/ensemble.py)."""
+    """summary.json's contents, for a run trained alone (`Trainer`) or as an ensemble member (lab/sweeps/ensemble.py)."""
     final = rows[-1] if rows else {}
     return {
         "name": Path(run_dir).name,
@@ -173,7 +173,7 @@ class Trainer:
         check_fits(self.config.model, lambda: build_model(self.config.model), self.device,
                    rows=min(len(self.train_split), tc.batch_size or len(self.train_split)),
                    optimizer_copies=3 + filter_copies, source=f"experiment {self.config.name!r}")
-        self.model = build_model(self.config.model).to(self.device)  # lab/architectures.py: [model] arch
+        self.model = build_model(self.config.model).to(self.device)  # lab/models/architectures.py: [model] arch
         self.optimizer = make_adamw(self.model.parameters(), tc)
         self.grad_filter = GradFilter(tc.grad_filter, list(self.model.named_parameters())) if tc.grad_filter.kind != "none" else None
         self.loss_dtype = torch.float64 if tc.loss_dtype == "float64" else torch.float32
@@ -369,7 +369,7 @@ class Trainer:
     def resume(cls, run_dir: Path, progress: bool = True) -> "Trainer":
         """The trainer of an existing run folder, from its config.json. A run killed before its first checkpoint
         (no resume.safetensors yet) restarts from step 0."""
-        from lab.run import read_run_config
+        from lab.runs.run import read_run_config
 
         run_dir = Path(run_dir)
         if not (run_dir / "config.json").is_file():

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformer_lens.hook_points import HookPoint
 
-from lab.pooled import PooledModel
+from lab.models.pooled import PooledModel
 
 
 class LinearClassifier(PooledModel):

@@ -8,7 +8,7 @@
    peak, round by round, so that all three see the same load; medians are reported.
    `share_of_matmul_peak` = (FLOPs our step must do / our median step time) / measured peak.
 2. Steps and seconds to grok (first evaluation with test accuracy >= 0.99) of every recipe in
-   `lab.recipes.RECIPES` on `modadd_quick` and `nanda_2023`, each run stopping at grok or at
+   `lab.training.recipes.RECIPES` on `modadd_quick` and `nanda_2023`, each run stopping at grok or at
    `--max-steps`; memorisation steps are recorded to show the generalisation is delayed.
    `--quick` runs only modadd_quick. The wall time of a whole `lab train modadd_quick` process is
    measured too.
@@ -33,13 +33,13 @@ from typing import Callable
 
 import torch
 
-from lab.bench_sweep import bench_sweep
+from lab.bench.sweep import bench_sweep
 from lab.config import load_experiment
-from lab.export import to_transformer_lens
-from lab.measure import interleaved_medians, matmul_sample, step_flops
-from lab.recipes import RECIPES, recipe_overrides
-from lab.storage import atomic_write_json
-from lab.training import Trainer, resolve_device
+from lab.models.export import to_transformer_lens
+from lab.bench.measure import interleaved_medians, matmul_sample, step_flops
+from lab.training.recipes import RECIPES, recipe_overrides
+from lab.runs.storage import atomic_write_json
+from lab.training.trainer import Trainer, resolve_device
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class BenchSetup:
 
 def transformer_lens_step(ours: Trainer, device: torch.device) -> tuple[Callable[[], torch.Tensor], torch.nn.Module]:
     """One training step as in TransformerLens's Grokking demo, on a native TransformerBridge of the same
-    config (`boot_native`, via `lab.export`) that starts from our model's weights."""
+    config (`boot_native`, via `lab.models.export`) that starts from our model's weights."""
     model = to_transformer_lens(ours.model, requires_grad=True).to(device).train()
     tc = ours.config.train
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=tc.betas)
@@ -155,7 +155,7 @@ def wall_time_of_train(experiment: str, device: torch.device) -> dict:
 _MEMORY_PROBE = """
 import json, resource, sys, tempfile, torch
 from lab.config import load_experiment
-from lab.training import Trainer
+from lab.training.trainer import Trainer
 device, experiment = sys.argv[1], sys.argv[2]
 config = load_experiment(experiment, [f"train.device={json.dumps(device)}"]).resolve()
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lab.prediction import Prediction, encode_tokens, predict_with
-from lab.run import Run, load_run
+from lab.models.prediction import Prediction, encode_tokens, predict_with
+from lab.runs.run import Run, load_run
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class Target:
 
 def resolve_target(run_or_model, step: int | None = None, task=None) -> Target:
     """A Run, a run path/name, or a Transformer (+ `task=`) -> Target. Bad combinations raise ValueError."""
-    from lab.architectures import is_model
+    from lab.models.architectures import is_model
 
     if isinstance(run_or_model, (str, os.PathLike)):
         run_or_model = load_run(run_or_model)
@@ -39,7 +39,7 @@ def resolve_target(run_or_model, step: int | None = None, task=None) -> Target:
             raise ValueError("task= is only for a bare model; a run brings its own task")
         step = run.resolve_step(step)
         return Target(run.model(step), run.task, step, run.config.train.loss, run)
-    if is_model(run_or_model):  # any architecture of lab/architectures.py
+    if is_model(run_or_model):  # any architecture of lab/models/architectures.py
         if task is None:
             raise ValueError("a bare model has no task: pass task=... (e.g. lab.make_task(config.task)), or pass the Run")
         if step is not None:
@@ -54,7 +54,7 @@ def resolve_target(run_or_model, step: int | None = None, task=None) -> Target:
 
 
 def encode_input(target_or_task, text_or_tokens, model=None) -> torch.Tensor:
-    """A text or token ids -> (1, pos) int64 for a Target (its task and model) or a task; see `lab.prediction`."""
+    """A text or token ids -> (1, pos) int64 for a Target (its task and model) or a task; see `lab.models.prediction`."""
     if isinstance(target_or_task, Target):
         return encode_tokens(target_or_task.task, text_or_tokens, model if model is not None else target_or_task.model)
     return encode_tokens(target_or_task, text_or_tokens, model)

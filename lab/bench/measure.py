@@ -1,6 +1,6 @@
 """What the benchmarks measure with: FLOPs of a training step, interleaved timing, the matmul peak.
 
-Shared by `lab bench`'s step timing (lab/bench.py) and its sweep figures (lab/bench_sweep.py).
+Shared by `lab bench`'s step timing (lab/bench/suite.py) and its sweep figures (lab/bench/sweep.py).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What the models below the transformer share (lab/mlp.py, lab/cnn.py, lab/linear.py): one answer per input.
+"""What the models below the transformer share (lab/models/mlp.py, lab/models/cnn.py, lab/models/linear.py): one answer per input.
 
 `PooledModel` is a TransformerLens `HookedRootModule` with the transformer's interface: `cfg`,
 `forward(tokens, key_padding=None)` -> logits (batch, 1, d_vocab_out), `forward_at(tokens, position)`

@@ -1,4 +1,4 @@
-"""How much faster a sweep trains as one stacked ensemble (lab/ensemble.py) than member after member.
+"""How much faster a sweep trains as one stacked ensemble (lab/sweeps/ensemble.py) than member after member.
 
 Two sizes, each a 64-member sweep: 4 weight decays x 4 training fractions x 4 model seeds, full batch:
 
@@ -6,7 +6,7 @@ Two sizes, each a 64-member sweep: 4 weight decays x 4 training fractions x 4 mo
   is mostly per-step overhead and small kernels, which stacking shares out.
 - quick: modadd_quick's model (p = 59, d_model 128, d_mlp 512), already compute-bound on a CPU.
 
-Method: one process, interleaved rounds (`lab.bench.interleaved_medians`): each round times one
+Method: one process, interleaved rounds (`lab.bench.measure.interleaved_medians`): each round times one
 ensemble step of all 64 members, one `Trainer.update` of each sampled member (one per training
 fraction, each with another weight decay; a step's cost depends on the fraction, not on the weight
 decay or the seed), and an n^3 fp32 matmul that measures the machine's peak under the same load.
@@ -16,7 +16,7 @@ work either way and are not timed.
 
 `bench_sweep()` returns, per size: speedup_vs_sequential, member_steps_per_s (member updates per
 second in the ensemble), the two step times, and share_of_matmul_peak (the FLOPs the 64 steps must
-do, counted as `lab.measure.step_flops` counts a standalone step, over the ensemble's step time,
+do, counted as `lab.bench.measure.step_flops` counts a standalone step, over the ensemble's step time,
 over the measured peak); plus restack_ms (dropping one finished member from the stack) and how
 many steps of the dead member's compute that copy costs (why finished members are re-stacked,
 not masked).
@@ -32,10 +32,10 @@ from pathlib import Path
 
 import torch
 
-from lab.measure import sync, interleaved_medians, matmul_sample, step_flops
+from lab.bench.measure import sync, interleaved_medians, matmul_sample, step_flops
 from lab.config import ExperimentConfig, load_experiment, validate_experiment
-from lab.ensemble import StackedEnsemble
-from lab.training import Trainer, resolve_device
+from lab.sweeps.ensemble import StackedEnsemble
+from lab.training.trainer import Trainer, resolve_device
 
 WEIGHT_DECAYS = (0.1, 0.3, 1.0, 3.0)
 TRAIN_FRACS = (0.3, 0.4, 0.5, 0.6)
@@ -136,7 +136,7 @@ def bench_sweep(device: str = "cpu", rounds: int | None = None, sizes=SIZES, log
     return result
 
 
-if __name__ == "__main__":  # python -m lab.bench_sweep: the figures alone, as JSON
+if __name__ == "__main__":  # python -m lab.bench.sweep: the figures alone, as JSON
     import json
     import sys
 

@@ -7,7 +7,7 @@
 - ⊥Grad (Prieto et al. 2025, "Grokking at the edge of numerical stability", arXiv:2501.04697):
   removes from each parameter's gradient its component along the parameter (the direction that
   only scales the logits up) and rescales the result to the original gradient norm. Its companion,
-  the StableMax loss, is in `lab.losses`.
+  the StableMax loss, is in `lab.training.losses`.
 
 Each is a pure function of tensors or a small object with explicit state, so a test can check it
 against its definition and a resumed run can save and restore that state.

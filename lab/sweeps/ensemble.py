@@ -31,7 +31,7 @@ have such phases) the two drift apart exactly as far as a standalone run whose i
 moved by one ulp drifts from itself. An ensemble resumed from its checkpoints equals the
 uninterrupted ensemble bit for bit.
 
-How it is fast (see lab/bench_sweep.py for the measured speed-ups):
+How it is fast (see lab/bench/sweep.py for the measured speed-ups):
 - members sorted by rows per step, run in buckets of equal batch width: no padded rows; on a CPU
   a bucket's widest activation stays within the caches (`_CPU_BUCKET_FLOATS`);
 - one layer without LayerNorm (the grokking models): Q, K, V and even the attention scores are
@@ -73,14 +73,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lab import storage
+from lab.runs import storage
 from lab.config import ExperimentConfig, ModelConfig, is_config_of
 from lab.errors import ConfigError, RunError
-from lab.losses import log_stablemax
-from lab.model import Transformer
-from lab.storage import ResumeState
+from lab.training.losses import log_stablemax
+from lab.models.transformer import Transformer
+from lab.runs.storage import ResumeState
 from lab.tasks import Split, Task, make_task
-from lab.training import (
+from lab.training.trainer import (
     Trainer,
     catch_stop_signals,
     checkpoint_schedule,
@@ -135,7 +135,7 @@ def group_by_shape(configs: Sequence[ExperimentConfig]) -> list[list[int]]:
 
 
 # --- the stacked forward pass -----------------------------------------------------------------------
-# `Transformer.forward_at` (lab/fast_forward.py) for a stack of models: every weight carries a
+# `Transformer.forward_at` (lab/models/transformer.py) for a stack of models: every weight carries a
 # leading member axis, every activation a leading member axis and then the batch. The arithmetic is
 # the same, matmul for matmul, with torch.baddbmm in place of torch.addmm.
 
@@ -184,7 +184,7 @@ def _lookup(table: torch.Tensor, indices: _Indices, key: str, rows: Callable[[],
 
 
 def _layer_norm(x: torch.Tensor, params: dict, prefix: str, eps: float = 1e-5) -> torch.Tensor:
-    """lab.model.LayerNorm per member: x (M, ..., d), weights (M, d)."""
+    """lab.models.transformer.LayerNorm per member: x (M, ..., d), weights (M, d)."""
     w, b = params[prefix + ".w"], params[prefix + ".b"]
     shape = (w.shape[0],) + (1,) * (x.ndim - 2) + (w.shape[1],)
     x = x - x.mean(-1, keepdim=True)
@@ -301,7 +301,7 @@ def _scores(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
 def _attention_inputs_from_tables(params: dict, cfg: ModelConfig, indices: _Indices, pos: int, n_keys: int):
     """One layer without LayerNorm: the attention's input at key position i holding token t is
     W_E[t] + W_pos[i], so Q, K and V are rows of tables with one row per (position, token), and
-    each input row only looks its rows up (as `lab.fast_forward._qkv_at_from_tokens` does, with
+    each input row only looks its rows up (as `lab.models.transformer._qkv_at_from_tokens` does, with
     the positional part folded into the table). When the tables are small next to the batch
     (the modular tasks), the attention scores are tabulated too: for every (query token, key
     position, key token) one dot product per head, so no per-row q·k is computed at all.
@@ -349,7 +349,7 @@ def _attention_inputs_from_tables(params: dict, cfg: ModelConfig, indices: _Indi
 
 
 def _row_losses(logits: torch.Tensor, labels: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
-    """Per-row cross-entropy (M, batch) of logits (M, batch, vocab), as `lab.losses.task_loss` computes it before its mean."""
+    """Per-row cross-entropy (M, batch) of logits (M, batch, vocab), as `lab.training.losses.task_loss` computes it before its mean."""
     logits = logits.to(dtype)
     if kind == "softmax":
         return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
@@ -467,7 +467,7 @@ class StackedEnsemble:
         for config in configs:
             if not vectorisable(config):
                 raise ConfigError(f"{config.name}: model.arch = {config.model.arch!r} with train.grad_filter.kind = "
-                                  f"{config.train.grad_filter.kind!r} is not vectorised; train it with lab.training.Trainer")
+                                  f"{config.train.grad_filter.kind!r} is not vectorised; train it with lab.training.trainer.Trainer")
         states = list(states) if states is not None else [None] * len(configs)
         tasks = list(tasks) if tasks is not None else _make_tasks(configs)
         # Members that train on the same number of rows per step sit side by side, so the step can run
@@ -677,7 +677,7 @@ class StackedEnsemble:
                                 weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
 
     def _ema_filter(self) -> None:
-        """Grokfast EMA (lab.recipes.GradFilter) per member: mu <- alpha mu + (1 - alpha) g (mu starts at g); g += lamb mu.
+        """Grokfast EMA (lab.training.recipes.GradFilter) per member: mu <- alpha mu + (1 - alpha) g (mu starts at g); g += lamb mu.
         Members without the filter have lamb = 0."""
         g, mu = self.flat_grad, self.ema
         alpha, one_minus, lamb = self._columns(self.ema_alpha, 1 - self.ema_alpha, self.ema_lamb)
@@ -687,7 +687,7 @@ class StackedEnsemble:
         self.ema_started[:] = True
 
     def _orthogonalize(self) -> None:
-        """⊥Grad (lab.recipes.orthogonalize_gradients) per member and parameter: g <- (g - (g.w / w.w) w) |g| / |g_perp|."""
+        """⊥Grad (lab.training.recipes.orthogonalize_gradients) per member and parameter: g <- (g - (g.w / w.w) w) |g| / |g_perp|."""
         on = torch.from_numpy(self.orthograd).to(self.device)
         members = self.members
         for w, g in zip(self.layout.views(self.flat).values(), self.layout.views(self.flat_grad).values()):

@@ -10,7 +10,7 @@ import os
 from functools import cached_property
 from pathlib import Path
 
-from lab import storage
+from lab.runs import storage
 from lab.errors import RunError
 
 
@@ -77,7 +77,7 @@ class Run:
         """The model's parameter count (from summary.json; runs older than that field count the config's model)."""
         count = self.summary.get("n_params")
         if count is None:
-            from lab.architectures import n_params
+            from lab.models.architectures import n_params
 
             count = n_params(self.config.model)
         return int(count)
@@ -129,9 +129,9 @@ class Run:
     def model(self, step: int | None = None, device: str = "cpu", cache: bool = True):
         """The model at a checkpoint (default: the last), in eval mode: the one checkpoint -> model loader.
         Cached per (step, device) unless `cache=False` (for passes over many checkpoints)."""
-        from lab.architectures import build_model
+        from lab.models.architectures import build_model
 
-        from lab.limits import check_fits
+        from lab.models.limits import check_fits
 
         step = self.resolve_step(step)
         device = check_device(device)
@@ -154,7 +154,7 @@ class Run:
     def predict(self, text_or_tokens, step: int | None = None):
         """The model's answer for a text (`"12 + 34 ="`, `"a cab"`) or token ids: a `lab.Prediction`
         with `label`, `label_id`, `probability` and `probabilities`. Bad text raises ValueError."""
-        from lab.prediction import predict_with
+        from lab.models.prediction import predict_with
 
         return predict_with(self.model(step), self.task, text_or_tokens)
 
@@ -235,7 +235,7 @@ def read_summary(run_dir: str | os.PathLike) -> dict:
 def rebuilt_summary(run_dir: str | os.PathLike) -> dict:
     """What summary.json would say, from resume.safetensors' step and metrics.jsonl, for a run that lost it
     (or never wrote it); `"rebuilt": True` says so. `lab train --resume` writes the real one back."""
-    from lab.outcomes import grok_step, memorize_step
+    from lab.runs.outcomes import grok_step, memorize_step
 
     run_dir = Path(run_dir)
     try:

@@ -1,6 +1,6 @@
 """A model's answer for one input: text or token ids in, a `Prediction` out.
 
-Below both `lab.run` (`Run.predict`) and `lab.probe` (`lab.predict`, which also takes bare models),
+Below both `lab.runs.run` (`Run.predict`) and `lab.analysis.probe` (`lab.predict`, which also takes bare models),
 so that reading runs and probing them share one way of encoding an input and reading the answer.
 """
 

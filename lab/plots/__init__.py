@@ -26,7 +26,7 @@ from plotly.subplots import make_subplots
 
 if TYPE_CHECKING:
     from lab.analysis.attention import AttentionResult
-    from lab.run import Run
+    from lab.runs.run import Run
 
 PALETTE = [
     "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e",
@@ -506,7 +506,7 @@ def figures_html(figures: Mapping[str, go.Figure], title: str) -> str:
 
 
 def _runs(runs: "Run | Sequence[Run]") -> list["Run"]:
-    from lab.run import Run
+    from lab.runs.run import Run
 
     runs = [runs] if isinstance(runs, Run) else list(runs)
     if not runs or not all(isinstance(r, Run) for r in runs):
@@ -943,7 +943,7 @@ def sweep_outcome_figure(table: pd.DataFrame, axis: str, outcome: str, *, by: st
 
 
 def _sweep(sweep):
-    from lab.sweep import Sweep, load_sweep
+    from lab.sweeps.sweep import Sweep, load_sweep
 
     return sweep if isinstance(sweep, Sweep) else load_sweep(sweep)
 

@@ -1,13 +1,13 @@
 """The architecture ladder: `build_model(config.model)` builds the model `[model] arch` names.
 
-    arch = "transformer"   lab/model.py: attention reads the input, position by position (the default)
-    arch = "mlp"           lab/mlp.py: embeddings concatenated (fixed-length input) or averaged, then hidden layers
-    arch = "cnn"           lab/cnn.py: 1-D convolutions over the embeddings, then a global max pool
-    arch = "linear"        lab/linear.py: a perceptron over one-hot tokens (fixed length) or token counts
+    arch = "transformer"   lab/models/transformer.py: attention reads the input, position by position (the default)
+    arch = "mlp"           lab/models/mlp.py: embeddings concatenated (fixed-length input) or averaged, then hidden layers
+    arch = "cnn"           lab/models/cnn.py: 1-D convolutions over the embeddings, then a global max pool
+    arch = "linear"        lab/models/linear.py: a perceptron over one-hot tokens (fixed length) or token counts
 
 Every model is a TransformerLens `HookedRootModule` (so `run_with_cache` and `run_with_hooks` work), has
 `cfg`, `forward(tokens, key_padding=None)` and `forward_at(tokens, position)`, and is trained, saved,
-resumed and loaded by the same code (`lab.training`, `Run.model()`). The models below the transformer
+resumed and loaded by the same code (`lab.training.trainer`, `Run.model()`). The models below the transformer
 give one answer per input: their `forward` returns (batch, 1, d_vocab_out), so `logits[:, read_position]`
 reads it for a read position of 0 or -1 alike.
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from transformer_lens import HookedRootModule
 
-from lab.pooled import PooledModel
+from lab.models.pooled import PooledModel
 
 ARCHS = ("transformer", "mlp", "cnn", "linear")
 
@@ -30,19 +30,19 @@ ARCHS = ("transformer", "mlp", "cnn", "linear")
 def build_model(cfg) -> HookedRootModule:
     """The model a resolved `ModelConfig` describes, with its seeded initial weights."""
     if cfg.arch == "transformer":
-        from lab.model import Transformer
+        from lab.models.transformer import Transformer
 
         return Transformer(cfg)
     if cfg.arch == "mlp":
-        from lab.mlp import MLPClassifier
+        from lab.models.mlp import MLPClassifier
 
         return MLPClassifier(cfg)
     if cfg.arch == "cnn":
-        from lab.cnn import CNNClassifier
+        from lab.models.cnn import CNNClassifier
 
         return CNNClassifier(cfg)
     if cfg.arch == "linear":
-        from lab.linear import LinearClassifier
+        from lab.models.linear import LinearClassifier
 
         return LinearClassifier(cfg)
     raise ValueError(f"unknown model.arch {cfg.arch!r}; valid: {', '.join(map(repr, ARCHS))}")
@@ -60,13 +60,13 @@ def n_params(cfg) -> int:
 
 def is_model(obj) -> bool:
     """True for any model `build_model` makes (what analyses accept as a bare model)."""
-    from lab.model import Transformer
+    from lab.models.transformer import Transformer
 
     return isinstance(obj, (Transformer, PooledModel))
 
 
 def arch_of(run_or_model) -> str:
-    """The architecture of a model or a Run (this module sits below lab.run: callers load run folders)."""
+    """The architecture of a model or a Run (this module sits below lab.runs.run: callers load run folders)."""
     cfg = getattr(run_or_model, "cfg", None)  # a model
     if cfg is not None:
         return getattr(cfg, "arch", "transformer")

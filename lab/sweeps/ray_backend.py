@@ -1,6 +1,6 @@
 """`lab sweep --backend ray`: a sweep's groups as Ray tasks, on a local Ray instance or a cluster.
 
-Each group of same-shape members (see `lab.sweep.training_groups`) is cut into chunks of at most
+Each group of same-shape members (see `lab.sweeps.sweep.training_groups`) is cut into chunks of at most
 MAX_MEMBERS_PER_TASK members (fewer when that spreads the work over more CPUs); each chunk is one
 Ray task. A task trains its members as one stacked ensemble in a temporary folder on its worker,
 and returns the files of their run folders as bytes; the driver writes them into RUNS/SWEEP/
@@ -28,12 +28,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from lab import storage
+from lab.runs import storage
 from lab.errors import ConfigError, LabError
 
 MAX_MEMBERS_PER_TASK = 16
 MAX_RETRIES = 3
-# The files a member needs to continue (everything `lab.ensemble` reads back from a run folder);
+# The files a member needs to continue (everything `lab.sweeps.ensemble` reads back from a run folder);
 # its checkpoints stay on the driver.
 RESUME_FILES = ("config.json", "summary.json", "metrics.jsonl", storage.RESUME_FILE)
 STOP_POLL_S = 1.0
@@ -75,7 +75,7 @@ def train_chunk(members: list[tuple[str, str, dict[str, bytes]]], stop_flag=None
     """What a Ray task runs: (member name, config JSON, files it already has) for each member ->
     (member name, files new or changed) after training them as one ensemble in a temporary folder."""
     from lab.config import ExperimentConfig
-    from lab.ensemble import train_ensemble
+    from lab.sweeps.ensemble import train_ensemble
 
     stop = None
     if stop_flag is not None:

@@ -12,8 +12,8 @@ The axes come from the experiment's [sweep] table (`"train.weight_decay" = [0.3,
 and the command line (`--grid KEY=V1,V2,...` adds or replaces an axis, `--seeds N` replaces seeds).
 Every member's config is built and validated, and every member's folder name derived and checked
 for collisions, before anything trains. Members of the same model shapes train together as one
-stacked ensemble (`lab.ensemble`); members of other shapes in their own groups, one group after
-another, or as Ray tasks with `--backend ray` (`lab.sweep_ray`).
+stacked ensemble (`lab.sweeps.ensemble`); members of other shapes in their own groups, one group after
+another, or as Ray tasks with `--backend ray` (`lab.sweeps.ray_backend`).
 
 Running the same command again continues the sweep: finished members are skipped, interrupted ones
 resume from their checkpoint exactly as `lab train --resume` would. Ctrl-C checkpoints every
@@ -44,7 +44,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable
 
-from lab import storage
+from lab.runs import storage
 from lab.config import (
     ExperimentConfig,
     check_config_key,
@@ -306,15 +306,15 @@ def member_finished(run_dir: Path, config: ExperimentConfig) -> bool:
 
 def training_groups(members: list[SweepMember]) -> list[list[SweepMember]]:
     """Members grouped into ensembles of the same model shapes; each member the ensemble cannot stack
-    (`lab.ensemble.vectorisable`) is a group of its own, trained by the standalone Trainer."""
-    from lab.ensemble import group_by_shape
+    (`lab.sweeps.ensemble.vectorisable`) is a group of its own, trained by the standalone Trainer."""
+    from lab.sweeps.ensemble import group_by_shape
 
     return [[members[i] for i in group] for group in group_by_shape([m.config for m in members])]
 
 
 def train_group(group: list[SweepMember], sweep_dir: Path, progress: bool, stop=None) -> list[dict]:
     """Train one group into its members' folders (continuing unfinished ones); returns their summaries."""
-    from lab.ensemble import train_ensemble
+    from lab.sweeps.ensemble import train_ensemble
 
     return train_ensemble([(m.config, sweep_dir / m.name) for m in group], progress=progress, stop=stop)
 
@@ -338,7 +338,7 @@ def run_sweep(spec: SweepSpec, runs_dir: str | os.PathLike | None = None, backen
         raise ConfigError("--address is for --backend ray")
     run_ray = None
     if backend == "ray":
-        from lab.sweep_ray import require_ray, run_groups_on_ray
+        from lab.sweeps.ray_backend import require_ray, run_groups_on_ray
 
         require_ray()  # one line naming the extra, before anything is written
         run_ray = run_groups_on_ray
@@ -477,7 +477,7 @@ class Sweep:
 
     def run(self, member: str | int):
         """A member (by folder name or row number) as a `lab.Run`."""
-        from lab.run import load_run
+        from lab.runs.run import load_run
 
         names = self.member_names
         if isinstance(member, int):
