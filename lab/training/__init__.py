@@ -1,1 +1,1 @@
-"""training"""
+"""Training: the run loop (trainer.py), losses, recipes (Grokfast, ⊥Grad, StableMax), batching."""
