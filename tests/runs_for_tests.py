@@ -58,6 +58,18 @@ def trained_run(name: str, tmp_path_factory) -> Path:
     return _trained[name]
 
 
+def make_unreadable(path: Path):
+    """Overwrite a checkpoint with zeros of its size, keeping its modification time: a cache keyed on (size,
+    mtime) still matches while loading the file fails, so an answer given anyway came from the cache.
+    Returns a function that writes the original bytes back (a rewrite: the file gets a new time)."""
+    import os
+
+    stat, original = path.stat(), path.read_bytes()
+    path.write_bytes(bytes(len(original)))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    return lambda: path.write_bytes(original)
+
+
 def copy_run(name: str, tmp_path_factory, dest: Path) -> Path:
     """A private copy of a session run, for tests that change its files."""
     return Path(shutil.copytree(trained_run(name, tmp_path_factory), dest))

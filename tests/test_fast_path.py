@@ -1,6 +1,7 @@
-"""The fast path is exact: `forward_at` gives `forward(tokens)[:, position]` and the same gradients,
-and the training loop's shortcuts (train metrics from the update's forward pass, stop after grok)
-change no number."""
+"""The fast path is exact: `forward_at` gives `forward(tokens)[:, position]` and the same gradients;
+its two steps as analyses call them (`read_at`: the last block's residual, z and pattern at the
+position; `logits_at`, with heads or neurons replaced) equal the hooked forward; and the training
+loop's shortcuts (train metrics from the update's forward pass, stop after grok) change no number."""
 
 import json
 
@@ -8,11 +9,11 @@ import pytest
 import torch
 from conftest import TINY
 
+import lab
 from lab.config import ModelConfig, validate_experiment
-from lab.models.transformer import hooks_attached
-from lab.models.transformer import Transformer
+from lab.models.transformer import Transformer, hooks_attached
 from lab.runs.storage import read_jsonl
-from lab.training.trainer import Trainer, evaluate
+from lab.training.trainer import Trainer
 
 
 def model(**overrides) -> Transformer:
@@ -110,12 +111,13 @@ def test_forward_at_gives_the_same_gradients(case, forward_refused):
 def test_forward_at_respects_padding():
     m = model(causal=False, positional="none", pad_token_id=9)
     x = tokens()
-    x[:3, 3:] = 9  # padded rows
+    x[:3, 3:] = 9  # rows 0-2: three tokens, then two of padding
     torch.testing.assert_close(m.forward_at(x, 0), m(x)[:, 0], rtol=1e-12, atol=1e-12)
-    x2 = x.clone()
-    x2[:3, 3:] = 9
-    x2[:3, 4] = 9
-    assert torch.allclose(m.forward_at(x2[:3, :3], 0), m.forward_at(x[:3], 0))  # padding changes nothing
+    # a padded row answers as its unpadded tokens alone do ...
+    torch.testing.assert_close(m.forward_at(x[:3], 0), m.forward_at(x[:3, :3], 0), rtol=1e-12, atol=1e-12)
+    # ... because the padding is masked: the same keys attended to change the answer
+    attended = torch.zeros(3, 5, dtype=torch.bool)
+    assert not torch.allclose(m.forward_at(x[:3], 0, attended), m.forward_at(x[:3], 0))
 
 
 def test_forward_at_runs_hooks_when_attached():
@@ -151,26 +153,94 @@ def test_forward_at_runs_backward_and_permanent_hooks():
     assert not hooks_attached(m)
 
 
+# --- the same path in two steps, as the analyses call it: read_at, then logits_at ------------------
+
+READ_CASES = {**{case: (overrides, 5) for case, overrides in CASES.items()},
+              # a_and_b's shape: one layer, no positions, more keys than the vocabulary has tokens, padding
+              "one layer, longer than the vocabulary": ({"causal": False, "positional": "none", "pad_token_id": 9}, 16),
+              "the same with LayerNorm": ({"causal": False, "positional": "none", "pad_token_id": 9,
+                                           "normalization": "LN"}, 16)}
+
+
+@pytest.mark.parametrize("case", READ_CASES)
+@pytest.mark.parametrize("position", [-1, 0, 2])
+def test_read_at_gives_the_last_blocks_residual_z_and_pattern_there_and_logits_at_the_logits(case, position):
+    overrides, n_pos = READ_CASES[case]
+    m = model(**overrides)
+    x = tokens(n=n_pos)
+    x[:2, n_pos - 2 :] = 9  # padding, where the case has a pad token (else an ordinary token)
+    last, pos = m.cfg.n_layers - 1, position % n_pos
+    logits, cache = m.run_with_cache(x)
+    read = m.read_at(x, position)
+    n_keys = read.pattern.shape[-1]
+    assert n_keys == (pos + 1 if m.cfg.causal else n_pos)
+    torch.testing.assert_close(read.resid, cache["resid_pre", last][:, pos], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(read.z, cache["z", last][:, pos], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(read.pattern, cache["pattern", last][:, :, pos, :n_keys], rtol=1e-12, atol=1e-12)
+    assert not cache["pattern", last][:, :, pos, n_keys:].any()  # the keys left out get no attention
+    torch.testing.assert_close(m.logits_at(read.resid, read.z), logits[:, pos], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["two layers", "layernorm", "one layer, longer than the vocabulary"])
+def test_logits_at_with_a_head_or_neurons_replaced_is_the_hooked_forward(case):
+    overrides, n_pos = READ_CASES[case]
+    m = model(**overrides)
+    x, last = tokens(n=n_pos), m.cfg.n_layers - 1
+    read = m.read_at(x, -1)
+    without_head_1 = read.z.clone()
+    without_head_1[:, 1] = 0.0
+    hooked = m.run_with_hooks(x, fwd_hooks=[(f"blocks.{last}.attn.hook_z",
+                                             lambda z, hook: z.index_fill(2, torch.tensor([1]), 0.0))])[:, -1]
+    assert not torch.allclose(hooked, m(x)[:, -1])
+    torch.testing.assert_close(m.logits_at(read.resid, without_head_1), hooked, rtol=1e-12, atol=1e-12)
+    # several variants in one call: leading (variant, batch) dimensions
+    both = m.logits_at(read.resid.expand(2, *read.resid.shape), torch.stack([read.z, without_head_1]))
+    torch.testing.assert_close(both, torch.stack([m(x)[:, -1], hooked]), rtol=1e-12, atol=1e-12)
+
+    def kill(post):  # neurons 0 and 5 of the last MLP
+        return post.index_fill(-1, torch.tensor([0, 5]), 0.0)
+
+    hooked = m.run_with_hooks(x, fwd_hooks=[(f"blocks.{last}.mlp.hook_post", lambda post, hook: kill(post))])[:, -1]
+    assert not torch.allclose(hooked, m(x)[:, -1])
+    torch.testing.assert_close(m.logits_at(read.resid, read.z, replace_post=kill), hooked, rtol=1e-12, atol=1e-12)
+
+
+def test_read_at_applies_hooks_on_earlier_blocks_and_refuses_the_ones_it_would_skip():
+    m = model(n_layers=2)
+    x = tokens()
+
+    def zero_head_0(z, hook):
+        return z.index_fill(2, torch.tensor([0]), 0.0)
+
+    with m.hooks(fwd_hooks=[("blocks.0.attn.hook_z", zero_head_0)]):
+        read = m.read_at(x, -1)
+        hooked = m(x)[:, -1]
+    assert not torch.allclose(hooked, m(x)[:, -1])
+    torch.testing.assert_close(m.logits_at(read.resid, read.z), hooked, rtol=1e-12, atol=1e-12)
+    for name in ("blocks.1.attn.hook_z", "blocks.1.hook_resid_pre", "hook_embed"):
+        with m.hooks(fwd_hooks=[(name, lambda act, hook: act)]):
+            with pytest.raises(ValueError, match=f"a hook on {name} would not run: read_at runs hook points only in blocks 0..0"):
+                m.read_at(x, -1)
+
+
 def test_forward_at_rejects_a_position_outside_the_input():
     with pytest.raises(IndexError, match="outside"):
         model().forward_at(tokens(), 5)
 
 
 def test_train_metrics_from_the_update_forward_equal_a_separate_evaluation(tmp_path):
-    """A row's train loss/acc comes from the update's forward pass; it must be the model-at-that-step's."""
-    config = validate_experiment(TINY).resolve()
-    trainer = Trainer(config, tmp_path / "run", progress=False)
-    trainer.run()
+    """A row's train loss/acc comes from the update's forward pass; it must be the model-at-that-step's, as
+    anyone computes it from the saved checkpoint: the full forward at the read position, cross-entropy."""
+    Trainer(validate_experiment(TINY).resolve(), tmp_path / "run", progress=False).run()
+    run = lab.load_run(tmp_path / "run")
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
-    from lab.runs.storage import load_tensors
-
+    split = run.task.split("train")
+    assert [row["step"] for row in rows[:-1]] == run.checkpoint_steps[:-1] == [0, 10, 20]
     for row in rows[:-1]:  # the last row has no update after it and is evaluated directly
-        weights, _ = load_tensors(tmp_path / "run" / "checkpoints" / f"step_{row['step']:07d}.safetensors")
-        check = Transformer(config.model)
-        check.load_state_dict(weights)
-        loss, acc = evaluate(check, trainer.train_split, trainer.task, config)
-        assert row["train_acc"] == acc
-        assert row["train_loss"] == pytest.approx(loss, rel=1e-6)
+        with torch.no_grad():
+            logits = run.model(row["step"])(split.tokens)[:, run.task.read_position]
+        assert row["train_acc"] == (logits.argmax(-1) == split.labels).double().mean().item()
+        assert row["train_loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits.double(), split.labels).item(), rel=1e-6)
 
 
 def test_stop_after_grok_ends_the_run_at_the_first_eval_that_far_past_grok(tmp_path, monkeypatch):

@@ -96,8 +96,8 @@ def test_each_arch_trains_and_resumes_bit_for_bit(tmp_path, monkeypatch, task, a
     # Interrupt a second run after 15 updates the way Ctrl-C does (the trainer's SIGINT handler), then resume.
     update = Trainer.update
 
-    def update_then_interrupt(self, forward=None):
-        update(self, forward)
+    def update_then_interrupt(self):
+        update(self)
         if self.step == 15:
             signal.raise_signal(signal.SIGINT)
 
@@ -277,10 +277,11 @@ def test_ablate_neurons_patches_the_hidden_layer(trained, arch):
     model = run.model()
     width = model.cfg.mlp_width if arch == "mlp" else model.cfg.cnn_channels
     result = lab.ablate_neurons(run, list(range(width)), layer=0 if arch == "mlp" else 1, split="train")
-    assert result["base_accuracy"] == pytest.approx(run.summary["final"]["train_acc"])
+    none, ablated = result.iloc[0], result.iloc[1]  # rows "none" and the neurons ablated
+    assert none["accuracy"] == pytest.approx(run.summary["final"]["train_acc"])
     if arch == "mlp":  # every neuron zeroed: the logits are b_U alone, the same for every input
         split = run.task.split("train")
         expected = (model.b_U.argmax() == split.labels).double().mean().item()
-        assert result["accuracy"] == pytest.approx(expected)
+        assert ablated["accuracy"] == pytest.approx(expected)
     with pytest.raises(ValueError, match="does not exist"):
         lab.ablate_neurons(run, [width])

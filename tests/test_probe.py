@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lab
-from runs_for_tests import a_and_b_run, grokked_run, runs_root, tiny_modular_run  # noqa: F401  (fixtures)
+from runs_for_tests import a_and_b_run, grokked_run, make_unreadable, runs_root, tiny_modular_run  # noqa: F401  (fixtures)
 
 # --- the run API ----------------------------------------------------------------------------------
 
@@ -144,12 +144,18 @@ def test_ablate_heads_bad_arguments(grokked_run):
         lab.ablate_heads(grokked_run, split="val")
 
 
-def test_ablate_neurons(grokked_run):
+def test_ablate_neurons_is_a_table_like_ablate_heads(grokked_run):
     d_mlp = grokked_run.config.model.d_mlp
-    nothing = lab.ablate_neurons(grokked_run, [])
-    assert nothing["loss"] == pytest.approx(nothing["base_loss"])
     everything = lab.ablate_neurons(grokked_run, list(range(d_mlp)))
-    assert everything["accuracy"] < nothing["accuracy"] - 0.5
+    assert list(everything.columns) == ["component", "layer", "neurons", "loss", "accuracy", "delta_loss", "delta_accuracy"]
+    assert list(everything["component"]) == ["none", f"L0 MLP ({d_mlp} neurons)"]
+    none, ablated = everything.iloc[0], everything.iloc[1]
+    assert none["layer"] is None and none["neurons"] is None and none["delta_loss"] == 0
+    assert ablated["layer"] == 0 and ablated["neurons"] == list(range(d_mlp))
+    assert none["accuracy"] == pytest.approx(grokked_run.metrics.iloc[-1]["test_acc"])
+    assert ablated["delta_accuracy"] == ablated["accuracy"] - none["accuracy"] < -0.5  # the MLP does the work
+    nothing = lab.ablate_neurons(grokked_run, [])
+    assert nothing.iloc[1]["component"] == "L0 MLP (0 neurons)" and nothing.iloc[1]["delta_loss"] == 0
     with pytest.raises(ValueError, match=f"neuron {d_mlp} does not exist: this model's neurons are 0..{d_mlp - 1}"):
         lab.ablate_neurons(grokked_run, [d_mlp])
     with pytest.raises(ValueError, match="layer 1 does not exist"):
@@ -217,9 +223,10 @@ def reference_letter_masses(model, task, split):
     return masses
 
 
-def two_layer_models():
-    """Untrained 2-layer models: causal with positions (modular) and bidirectional with padding (a_and_b),
-    so that earlier-layer ablations, LayerNorm and padding all take the general path."""
+def untrained_models():
+    """Untrained models: 2-layer causal with positions (modular) and bidirectional with padding (a_and_b),
+    so that earlier-layer ablations, LayerNorm and padding all take the general path; and a 1-layer
+    a_and_b model whose test strings are longer than its vocabulary (the path that sums per token)."""
     from lab.config import load_experiment
     from lab.models.transformer import Transformer
     from lab.tasks import make_task
@@ -230,24 +237,27 @@ def two_layer_models():
                           "model.d_mlp=32", "model.normalization=LN"]),
         ("a_and_b", ["task.max_train_len=6", "task.max_test_len=12", "task.max_len=16", "task.n_train=64",
                      "task.n_test=48", "model.n_layers=2"]),
+        ("a_and_b", ["task.max_train_len=6", "task.max_test_len=40", "task.max_len=48", "task.n_train=64",
+                     "task.n_test=48"]),
     ]:
         config = load_experiment(experiment, overrides).resolve()
         models.append((Transformer(config.model).eval(), make_task(config.task)))
     return models
 
 
-@pytest.mark.parametrize("which", ["grokked", "a_and_b", "two_layer_modular", "two_layer_a_and_b"])
-def test_fast_head_ablation_equals_the_hook_reference(which, grokked_run, a_and_b_run):
-    from lab.analysis.ablation import ablate_heads
+UNTRAINED = ["two_layer_modular", "two_layer_a_and_b", "long_a_and_b"]
 
+
+@pytest.mark.parametrize("which", ["grokked", "a_and_b", *UNTRAINED])
+def test_fast_head_ablation_equals_the_hook_reference(which, grokked_run, a_and_b_run):
     if which in ("grokked", "a_and_b"):
         run = grokked_run if which == "grokked" else a_and_b_run
         model, task, loss_kind = run.model(), run.task, run.config.train.loss
     else:
-        (model, task), loss_kind = two_layer_models()[which == "two_layer_a_and_b"], "softmax"
+        (model, task), loss_kind = untrained_models()[UNTRAINED.index(which)], "softmax"
     for split in ("test", "train"):
         for method in ("zero", "mean"):
-            frame = ablate_heads(model, split=split, method=method, task=task)
+            frame = lab.ablate_heads(model, split=split, method=method, task=task)
             expected = [reference_ablation(model, task, split, method, None, None, loss_kind)]
             for layer in range(model.cfg.n_layers):
                 for head in range(model.cfg.n_heads):
@@ -256,66 +266,68 @@ def test_fast_head_ablation_equals_the_hook_reference(which, grokked_run, a_and_
             assert frame["loss"].tolist() == pytest.approx([e[0] for e in expected], rel=1e-4, abs=1e-6), (split, method)
             assert frame["accuracy"].tolist() == [e[1] for e in expected], (split, method)
     if task.name == "a_and_b":
-        from lab.analysis.heads import letter_masses
-        from lab.analysis.probe import Target
-
-        rows = letter_masses(Target(model, task, None), "test")
+        letters = lab.letter_attention(model, task=task)
         on_a, on_b = reference_letter_masses(model, task, "test")
-        assert [row["mass_on_a"] for row in rows] == pytest.approx(on_a.flatten().tolist(), abs=1e-6)
-        assert [row["mass_on_b"] for row in rows] == pytest.approx(on_b.flatten().tolist(), abs=1e-6)
+        assert letters["mass_on_a"].tolist() == pytest.approx(on_a.flatten().tolist(), abs=1e-6)
+        assert letters["mass_on_b"].tolist() == pytest.approx(on_b.flatten().tolist(), abs=1e-6)
 
 
 @pytest.mark.parametrize("layer", [0, 1])
 def test_fast_neuron_ablation_equals_the_hook_reference(layer, grokked_run):
-    model, task = two_layer_models()[0] if layer == 1 else (grokked_run.model(), grokked_run.task)
+    model, task = untrained_models()[0] if layer == 1 else (grokked_run.model(), grokked_run.task)
     neurons = [0, 3, 5]
     index = (slice(None), slice(None), torch.tensor(neurons))
     for method in ("zero", "mean"):
-        got = lab.ablate_neurons(model, neurons, layer=layer, split="train", method=method, task=task)
+        got = lab.ablate_neurons(model, neurons, layer=layer, split="train", method=method, task=task).iloc[1]
         loss, accuracy = reference_ablation(model, task, "train", method, f"blocks.{layer}.mlp.hook_post", index)
         assert got["loss"] == pytest.approx(loss, rel=1e-4, abs=1e-6) and got["accuracy"] == accuracy
     if layer == 1:  # an earlier layer's neurons, too
-        got = lab.ablate_neurons(model, neurons, layer=0, split="train", method="mean", task=task)
+        got = lab.ablate_neurons(model, neurons, layer=0, split="train", method="mean", task=task).iloc[1]
         loss, accuracy = reference_ablation(model, task, "train", "mean", "blocks.0.mlp.hook_post", index)
         assert got["loss"] == pytest.approx(loss, rel=1e-4, abs=1e-6) and got["accuracy"] == accuracy
 
 
-def test_head_analyses_are_cached_per_checkpoint_in_the_run_folder(a_and_b_run, tmp_path, monkeypatch):
+def test_head_analyses_are_cached_per_checkpoint_in_the_run_folder(a_and_b_run, tmp_path):
     import os
 
-    from lab.analysis import ablation, heads
+    from lab.analysis import heads
 
     run = lab.load_run(_copy(a_and_b_run, tmp_path))
     fresh = lab.ablate_heads(run, split="train", method="mean", cache=False)
     first = lab.ablate_heads(run, split="train", method="mean")
     assert first.equals(fresh)
     step = run.checkpoint_steps[-1]
-    stored = json.loads((run.path / "analysis" / "heads" / f"step_{step:06d}.json").read_text())
-    assert "ablate_heads/train/mean" in stored["entries"]
-
-    # Everything precomputed: no model is run again, for any checkpoint, split or method.
-    assert "ablate_heads/train/zero" in stored["entries"] and "letter_attention/train" in stored["entries"]  # same pass
+    cache_file = run.path / "analysis" / "heads" / f"step_{step:06d}.json"
+    stored = json.loads(cache_file.read_text())["entries"]
+    # one pass over the split fills every analysis of it, and nothing of the other split
+    assert {"ablate_heads/train/mean", "ablate_heads/train/zero", "letter_attention/train"} == set(stored)
     assert heads.precompute_heads(run) == 2 * len(run.checkpoint_steps) - 1  # (checkpoint, split) pairs computed
     assert heads.precompute_heads(run) == 0
     assert sorted(os.listdir(run.path / "analysis" / "heads")) == [f"step_{s:06d}.json" for s in run.checkpoint_steps]
     letters = lab.letter_attention(run, step=run.checkpoint_steps[0], split="train")
 
-    def no_compute(*args, **kwargs):
-        raise AssertionError("recomputed although cached")
+    # Everything precomputed: answered without loading any model. Every checkpoint is made unreadable,
+    # keeping its size and modification time (the cache's key), so a recomputation would fail.
+    checkpoints = sorted((run.path / "checkpoints").glob("*.safetensors"))
+    restore = {path: make_unreadable(path) for path in checkpoints}
+    unloaded = lab.load_run(run.path)  # no model held in memory either
+    assert lab.ablate_heads(unloaded, split="train", method="mean").equals(first)
+    assert lab.letter_attention(unloaded, step=run.checkpoint_steps[0], split="train").equals(letters)
+    for cached_step in unloaded.checkpoint_steps:
+        for split in ("train", "test"):
+            for method in ("zero", "mean"):
+                assert len(lab.ablate_heads(unloaded, split=split, method=method, step=cached_step)) == 3  # none + 2 heads
 
-    monkeypatch.setattr(ablation, "split_entries", no_compute)
-    monkeypatch.setattr(heads, "split_entries", no_compute)
-    assert lab.ablate_heads(run, split="train", method="mean").equals(first)
-    assert lab.letter_attention(run, step=run.checkpoint_steps[0], split="train").equals(letters)
-
-    # A rewritten checkpoint (new modification time) is recomputed; so is a damaged cache file.
-    checkpoint = sorted((run.path / "checkpoints").iterdir())[-1]
-    os.utime(checkpoint, ns=(checkpoint.stat().st_atime_ns, checkpoint.stat().st_mtime_ns + 10**9))
-    with pytest.raises(AssertionError, match="recomputed"):
-        lab.ablate_heads(run, split="train", method="mean")
-    monkeypatch.undo()
-    (run.path / "analysis" / "heads" / f"step_{step:06d}.json").write_text("{damaged")
-    assert lab.ablate_heads(run, split="train", method="mean").equals(first)
+    # A rewritten checkpoint (new modification time) is recomputed, not answered from the cache: the damaged
+    # one fails to load, naming its file; restored, it gives the same numbers again. So does a damaged cache file.
+    last = checkpoints[-1]
+    os.utime(last, ns=(last.stat().st_atime_ns, last.stat().st_mtime_ns + 10**9))
+    with pytest.raises(lab.RunError, match=last.name):
+        lab.ablate_heads(lab.load_run(run.path), split="train", method="mean")
+    restore[last]()
+    assert lab.ablate_heads(lab.load_run(run.path), split="train", method="mean").equals(first)
+    cache_file.write_text("{damaged")
+    assert lab.ablate_heads(lab.load_run(run.path), split="train", method="mean").equals(first)
     with pytest.raises(TypeError, match="needs a Run"):
         heads.precompute_heads(run.model())
 
@@ -332,7 +344,7 @@ def test_public_names_are_exported_lazily():
 
     for name in ("attention", "AttentionResult", "ablate_heads", "ablate_neurons", "letter_attention",
                  "modular_attention_grid", "progress_measures", "key_frequencies", "fourier_norms", "Prediction"):
-        assert name in dir(lab) and getattr(lab, name) is not None
+        assert name in dir(lab) and getattr(lab, name).__name__ == name  # the function or class of that name
     code = "import sys, lab.cli; lab.cli.build_parser(); import lab; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

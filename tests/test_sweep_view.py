@@ -19,6 +19,7 @@ import sweep_runs
 from lab import plots
 from lab.config import validate_experiment
 from lab.errors import ConfigError
+from lab.sweeps import stats
 from lab.tasks import make_task
 from lab.tasks.s5 import PERMUTATIONS
 from test_dashboard import app, arr, errors, no_exception, same_figure, specs, trace_names  # noqa: F401  (app: a fixture)
@@ -224,10 +225,16 @@ def test_cells_take_the_majority_phase_of_finished_members_with_the_count():
     assert cells.loc[(0.1, 1e-2), ["phase", "count"]].tolist() == ["comprehension", 1]
     assert cells.loc[(0.1, 1e-2), "phases"] == {"comprehension": 1, "grokking": 1, "confusion": 1}
     assert cells.loc[(1.0, 1e-2), ["phase", "finished"]].tolist() == ["unfinished", 0]
-    # the median grok step counts a member that never grokked as later than any that did
-    assert cells.loc[(0.1, 1e-3), "grok_median"] == math.inf and cells.loc[(0.1, 1e-3), "never"] == 2
+    # the median grok step: a member that never grokked is later than its 10k steps, never a number;
+    # two of three never grokked, so the median is censored: no value, and "> 10000" as its bound
+    assert np.isnan(cells.loc[(0.1, 1e-3), "grok_median"]) and cells.loc[(0.1, 1e-3), "grok_median_above"] == 10_000
+    assert cells.loc[(0.1, 1e-3), "never"] == 2
     assert cells.loc[(1.0, 1e-3), "grok_median"] == 3000 and cells.loc[(1.0, 1e-3), "never"] == 0
-    assert "lr0.001-wd0.1-s2: grokking" in cells.loc[(0.1, 1e-3), "hover"]
+    assert np.isnan(cells.loc[(1.0, 1e-3), "grok_median_above"])
+    # the hover names each member's phase with the rule that gave it, and its grok step or its bound
+    hover = cells.loc[(0.1, 1e-3), "hover"]
+    assert "lr0.001-wd0.1-s0: memorization (> 90%: train at 100, test never → memorization); grok step > 10000" in hover
+    assert "lr0.001-wd0.1-s2: grokking" in hover and "grokked at 9000" in hover
 
 
 def test_phase_diagram_colours_cells_by_phase_and_labels_them():
@@ -266,25 +273,128 @@ def test_grok_steps_heatmap_is_log_scaled_and_marks_never_grokked_cells():
 
 def test_outcome_table_and_figure_median_and_spread_over_seeds():
     table = plots.sweep_outcome_table(HAND, "train.weight_decay", "grok_step", by="train.lr")
-    row = table[(table["train.weight_decay"] == 0.1) & (table["train.lr"] == 1e-3)].iloc[0]
-    # never grokked counts at the budget (10k): values 10k, 10k, 9k
-    assert (row["median"], row["min"], row["max"], row["n"], row["n_missing"]) == (10_000, 9000, 10_000, 3, 2)
+    rows = table.set_index(["train.weight_decay", "train.lr"])
+    # wd 0.1, lr 1e-3: 9000 and two members that never grokked within 10k steps: the median and the
+    # max are censored (no number, their bound in *_above), the min is 9000
+    row = rows.loc[(0.1, 1e-3)]
+    assert (row["n"], row["n_censored"], row["n_unfinished"], row["min"]) == (3, 2, 0, 9000)
+    assert np.isnan(row["median"]) and row["median_above"] == 10_000 and np.isnan(row["max"]) and row["max_above"] == 10_000
+    # wd 0.1, lr 1e-2: 300, 500 and one that never grokked: the median 500 is exact (it cannot move)
+    row = rows.loc[(0.1, 1e-2)]
+    assert (row["median"], row["min"], row["q25"], row["n_censored"]) == (500, 300, 400, 1) and np.isnan(row["median_above"])
+    # wd 1.0, lr 1e-3: 2000 and 4000 (the third is still training: left out, counted)
+    row = rows.loc[(1.0, 1e-3)]
+    assert (row["median"], row["mean"], row["n"], row["n_unfinished"]) == (3000, 3000, 2, 1)
+    assert rows.loc[(1.0, 1e-2), ["n", "n_unfinished"]].tolist() == [0, 3] and np.isnan(rows.loc[(1.0, 1e-2), "median"])
     dropped = plots.sweep_outcome_table(HAND, "train.weight_decay", "grok_step", missing="drop")
     assert dropped.set_index("train.weight_decay").loc[0.1, "median"] == pytest.approx(np.median([9000, 300, 500]))
+
     fig = plots.sweep_outcome_figure(table, "train.weight_decay", "grok_step", by="train.lr", spread="minmax")
     lines = [t for t in fig.data if t.mode == "lines+markers"]
     assert [t.name for t in lines] == ["train.lr = 0.001", "train.lr = 0.01"]
-    assert list(lines[0].y) == [10_000, 3000] and fig.layout.yaxis.type == "log"
-    assert list(lines[0].marker.color) == ["white", "#1f77b4"]  # hollow: some members never reached it
+    # the censored median is drawn at its bound as an open triangle, and reads "> 10k", never "10000"
+    assert list(lines[0].y) == [10_000, 3000] and list(lines[0].marker.symbol) == ["triangle-up-open", "circle"]
+    assert "median > 10k" in lines[0].hovertext[0] and "2 never reached it" in lines[0].hovertext[0]
+    assert "median 3000" in lines[0].hovertext[1] and "1 still training (left out)" in lines[0].hovertext[1]
+    assert list(lines[0].marker.color) == ["#1f77b4", "#1f77b4"]  # the open ▲ outlined in the line's colour
+    assert list(lines[1].marker.color) == ["white", "#d62728"]  # hollow: the median is exact, one never reached it
+    assert list(fig.layout.xaxis.ticktext) == ["0.1", "1"]  # the swept values
+    assert "median later than this (censored)" in [t.name for t in fig.data]
     band = fig.data[0]
     assert band.fill == "toself" and list(band.y) == [10_000, 4000, 2000, 9000]  # max forwards, min back
+    assert fig.layout.yaxis.type == "log" and list(fig.layout.yaxis.ticktext) == ["200", "500", "1000", "2000", "5000", "10k"]
     acc = plots.sweep_outcome_figure(plots.sweep_outcome_table(HAND, "train.lr", "best_test_acc"), "train.lr",
                                      "best_test_acc")
     assert acc.layout.yaxis.type == "linear" and list(acc.layout.xaxis.ticktext) == ["0.001", "0.01"]
 
 
+def test_censored_statistics_are_exact_or_a_lower_bound():
+    from lab.sweeps.stats import censored_statistics
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(1, 9))
+        budget = np.where(rng.random(n) < 0.5, 600.0, 1000.0)
+        truth = rng.uniform(10, 2000, n)  # when each member would have reached it, given enough steps
+        censored = truth > budget
+        seen = np.where(censored, budget, truth)
+        stats_ = censored_statistics(seen, censored)
+        for stat, value in (("min", truth.min()), ("q25", np.quantile(truth, 0.25)), ("median", np.median(truth)),
+                            ("q75", np.quantile(truth, 0.75)), ("max", truth.max()), ("mean", truth.mean())):
+            got, exact = stats_[stat]
+            if exact:  # exact: the statistic of the true values, whatever the censored members would have done
+                assert got == pytest.approx(value), (stat, truth, budget)
+            else:  # else a lower bound of it
+                assert got <= value + 1e-9, (stat, truth, budget)
+        if not censored.any():
+            assert all(exact for _, exact in stats_.values())
+    # the issue's case: no member grokked within 600 steps: every statistic is "> 600", none is 600
+    assert censored_statistics([600, 600], [True, True]) == {s: (600.0, False) for s in
+                                                             ("median", "q25", "q75", "min", "max", "mean")}
+    # one of two: the median is above (300 + 600) / 2, not 450
+    assert censored_statistics([300, 600], [False, True])["median"] == (450.0, False)
+    assert censored_statistics([300, 600], [False, True])["min"] == (300.0, True)
+
+
+def hand_sweep(members: pd.DataFrame):
+    """A lab.Sweep whose members table is `members` (its statistics are computed from that table alone)."""
+    from lab.sweeps.sweep import Sweep
+
+    sweep = Sweep.__new__(Sweep)
+    sweep.name, sweep.axes, sweep.__dict__["members"] = "hand", {"train.lr": [], "train.weight_decay": []}, members
+    return sweep
+
+
+def test_sweep_outcome_by_table_and_the_pages_figures_give_the_same_numbers():
+    """The issue's case: on this table the median grok step at weight decay 1.0 was 10,000 from
+    outcome_by (unfinished members counted at the budget) and 3,000 from the page's table."""
+    sweep = hand_sweep(HAND)
+    by_wd = sweep.outcome_by("train.weight_decay", "grok_step").set_index("train.weight_decay")
+    assert by_wd.loc[1.0, "median"] == 3000 and by_wd.loc[1.0, "n_unfinished"] == 4
+    figure_table = plots.sweep_outcome_table(HAND, "train.weight_decay", "grok_step")
+    pd.testing.assert_frame_equal(sweep.outcome_by("train.weight_decay", "grok_step"), figure_table)
+    line = next(t for t in plots.sweep_outcome_figure(figure_table, "train.weight_decay", "grok_step").data
+                if t.mode == "lines+markers")
+    assert list(line.y) == [by_wd.loc[0.1, "median_above"], 3000]
+    # the grid of Sweep.table is the heatmaps' cells: majority phase, and the censored-aware median grok step
+    cells = plots.sweep_cells(HAND, "train.weight_decay", "train.lr")
+    phases = sweep.table("train.weight_decay", "train.lr", "phase")
+    assert all(phases.loc[c.y, c.x] == c.phase for c in cells.itertuples())
+    groks = sweep.table("train.weight_decay", "train.lr", "grok_step")
+    assert groks.loc[1e-3, 1.0] == 3000 and groks.loc[1e-2, 0.1] == 500
+    assert np.isnan(groks.loc[1e-3, 0.1])  # censored: no number (outcome_by gives its bound)
+    heat = plots.grok_steps_figure(HAND, "train.weight_decay", "train.lr")
+    assert np.allclose(10 ** np.asarray(heat.data[1].z, dtype=float), groks.to_numpy(dtype=float), equal_nan=True)
+
+
+def test_censored_steps_read_as_censored_in_member_tables():
+    from lab.sweeps.stats import members_text
+
+    frame = HAND.assign(step=[10_000] * 12)
+    shown = members_text(frame).set_index("member")
+    assert shown.loc["lr0.001-wd0.1-s0", "grok_step"] == "> 10000"  # finished, never grokked
+    assert shown.loc["lr0.001-wd0.1-s2", "grok_step"] == "9000"
+    assert shown.loc["lr0.001-wd1.0-s2", "grok_step"] == "not yet"  # still training
+    assert shown.loc["lr0.001-wd0.1-s0", "t_test"] == "> 10000"
+    assert not shown[["grok_step", "t_train", "t_test"]].isin([None, "None", "nan"]).any().any()
+    # phases looked for within a budget: t_test is censored at the budget, the grok step at the run's end
+    within = members_text(frame.assign(budget=4000)).set_index("member")
+    assert within.loc["lr0.001-wd0.1-s0", ["t_test", "grok_step"]].tolist() == ["> 4000", "> 10000"]
+
+
+def test_phase_reason_states_the_rule():
+    from lab.sweeps.stats import phase_reason
+
+    assert phase_reason(100, 350) == "> 90%: train at 100, test at 350: 250 steps later (< 1000) → comprehension"
+    assert phase_reason(100, 1100).endswith("1000 steps later (≥ 1000) → grokking")
+    assert phase_reason(100, None) == "> 90%: train at 100, test never → memorization"
+    assert phase_reason(None, None, train_acc=0.5) == "train > 50% never → confusion"
+    assert phase_reason(100, 200, train_acc=0.5, test_acc=0.8, gap=50).endswith("test > 80% at 200: 100 steps later (≥ 50) → grokking")
+    assert phase_reason(100, None, phase="unfinished") == "still training: no phase yet"
+
+
 def test_figure_builders_refuse_bad_axes_in_one_line():
-    with pytest.raises(ValueError, match=r"no sweep axis 'train.betas'; axes: train.lr, train.weight_decay, seed"):
+    with pytest.raises(ValueError, match=r"no axis 'train.betas'; its axes: train.lr, train.weight_decay, seed"):
         plots.phase_diagram_figure(HAND, "train.betas", "train.lr")
     with pytest.raises(ValueError, match="x and y are both 'train.lr'"):
         plots.grok_steps_figure(HAND, "train.lr", "train.lr")
@@ -327,14 +437,50 @@ def test_repl_figures_match_the_sweep_and_its_thresholds(sweep):
     expected = s.phases(train_acc=0.05, test_acc=0.05, gap=10, budget=40).set_index("member")["phase"]
     assert list(loose["phase"]) == list(expected[loose["member"]])
     assert list(loose["phase"]) != list(s.members["phase"])
-    # the outcome table agrees with lab.Sweep.outcome_by on the finished members
+    # the numbers: lab.Sweep.outcome_by is the very table the figures draw, and its statistics are the
+    # finished members' own (the unfinished one left out and counted)
     finished = lab.load_sweep(sweep)
-    table = plots.sweep_outcome_table(s.members, "train.weight_decay", "memorize_step", missing="drop")
-    assert set(table.columns) >= {"median", "q25", "q75", "min", "max", "n", "n_missing"}
+    for outcome in ("memorize_step", "grok_step", "best_test_acc"):
+        pd.testing.assert_frame_equal(s.outcome_by("train.weight_decay", outcome),
+                                      plots.sweep_outcome_table(plots.sweep_members(s), "train.weight_decay", outcome))
+    members = s.members
+    done = members[members["phase"] != "unfinished"]
+    for wd, row in s.outcome_by("train.weight_decay", "best_test_acc").set_index("train.weight_decay").iterrows():
+        values = done[done["train.weight_decay"] == wd]["best_test_acc"]
+        assert (row["median"], row["q25"], row["max"]) == pytest.approx((values.median(), values.quantile(0.25), values.max()))
+        assert row["n"] == len(values) and row["n_unfinished"] == (members["train.weight_decay"] == wd).sum() - len(values)
+    assert s.outcome_by("train.weight_decay", "best_test_acc")["n_unfinished"].tolist() == [0, 1]
     assert lab.plot_sweep_outcome(sweep, "train.weight_decay", "best_test_acc").data
     assert lab.plot_grok_steps(str(sweep), where={"seed": 0}).data[0].z is not None
-    with pytest.raises(ValueError, match="no sweep axis 'task.p'"):
+    with pytest.raises(ValueError, match="sweep 'grid' has no axis 'task.p'; its axes: model.init_scale, train.weight_decay, seed"):
         lab.plot_phase_diagram(finished, "task.p", "seed")
+
+
+def test_the_cli_lists_phases_with_their_rule_and_censored_steps_as_censored(sweep):
+    import subprocess
+    import sys
+
+    def lab_cli(*args):
+        done = subprocess.run([sys.executable, "-m", "lab.cli", *args, "--runs-dir", str(sweep.parent)],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    listing = lab_cli("sweeps")
+    assert "phases (Liu et al. 2022, Table 1): train acc > 90%, test acc > 90% within the run; comprehension: " \
+           "test crosses < 1000 steps after train" in listing
+    members = lab.load_sweep(sweep).members.set_index("member")
+    header, *rows = lab_cli("runs").strip().splitlines()
+    columns, checked = header.split(), 0
+    for row in rows:
+        cells = dict(zip(columns, row.split()))
+        member = cells["name"].removeprefix(f"{sweep.name}/")
+        if member not in members.index:
+            continue
+        grok, ran = members.loc[member, "grok_step"], members.loc[member, "step"]
+        assert cells["grok_step"] == (str(grok) if not pd.isna(grok) else f">{ran}")
+        checked += 1
+    assert checked == len(members) and members["grok_step"].isna().any()  # some never grokked: "> 80", not "-"
 
 
 def sweeps_page(at):
@@ -388,10 +534,21 @@ def test_sweeps_page_draws_the_repl_figures_and_follows_its_widgets(sweep, app):
     spec = chart(at, "against")
     assert spec["layout"]["yaxis"]["type"] == "linear"
     assert [n for n in trace_names(spec) if "(" not in n] == ["train.weight_decay = 0.1", "train.weight_decay = 1"]
-    table = plots.sweep_outcome_table(plots.sweep_members(sweep), "model.init_scale", "best_test_acc",
-                                      by="train.weight_decay")
+    table = lab.load_sweep(sweep).outcome_by("model.init_scale", "best_test_acc", by="train.weight_decay")
     lines = [t for t in spec["data"] if t.get("mode") == "lines+markers"]
     assert np.allclose(arr(lines[0]["y"]), table[table["train.weight_decay"] == 0.1]["median"])
+    assert np.allclose(arr(lines[1]["y"]), table[table["train.weight_decay"] == 1.0]["median"])
+
+    # the grok step (the default outcome): the page's line is outcome_by's median, or its bound where censored
+    at.selectbox(key="sweeps_outcome").set_value("grok_step").run()
+    spec = chart(at, "against")
+    table = lab.load_sweep(sweep).outcome_by("model.init_scale", "grok_step", by="train.weight_decay")
+    for line, wd in zip([t for t in spec["data"] if t.get("mode") == "lines+markers"], (0.1, 1.0)):
+        rows = table[table["train.weight_decay"] == wd].to_dict("records")
+        assert np.allclose(arr(line["y"]), [stats.stat_value(r)[0] for r in rows], equal_nan=True)
+        for text, r in zip(line["hovertext"], rows):
+            assert f"median {stats.stat_text(r, 'median', plots.step_label)}<" in text
+            assert ("median > " in text) == (not stats.stat_value(r)[1])
 
 
 def test_sweeps_page_opens_a_cells_members_and_selects_them(sweep, app):
@@ -405,6 +562,16 @@ def test_sweeps_page_opens_a_cells_members_and_selects_them(sweep, app):
     assert at.selectbox(key="sweeps_cell").value == "model.init_scale = 2, train.weight_decay = 1"
     table = at.dataframe[0].value
     assert set(table["member"]) == {"init_scale2.0-weight_decay1.0-seed0", sweep_runs.UNFINISHED}
+    # no None and no censored step as a number: a step, "> N" (never within the N steps run) or "not yet"
+    assert not table.isna().any().any() and not table.isin(["None", "nan"]).any().any()
+    member = lab.load_sweep(sweep).members.set_index("member").loc["init_scale2.0-weight_decay1.0-seed0"]
+    shown = table.set_index("member")
+    for column in ("memorize_step", "grok_step"):
+        value = member[column]
+        assert shown.loc["init_scale2.0-weight_decay1.0-seed0", column] == (str(value) if not pd.isna(value) else "> 80")
+        assert shown.loc[sweep_runs.UNFINISHED, column] in ("not yet",) or shown.loc[sweep_runs.UNFINISHED, column].isdigit()
+    assert "→ " in shown.loc["init_scale2.0-weight_decay1.0-seed0", "why"]  # the rule that gave the phase
+    assert shown.loc[sweep_runs.UNFINISHED, "why"] == "still training: no phase yet"
     for title in ("phases over", "median grok step"):  # both heatmaps outline the picked cell
         (shape,) = chart(at, title)["layout"]["shapes"]
         assert (shape["x0"], shape["x1"], shape["y0"], shape["y1"]) == (0.5, 1.5, 0.5, 1.5)
@@ -415,11 +582,19 @@ def test_sweeps_page_opens_a_cells_members_and_selects_them(sweep, app):
     assert set(at.sidebar.multiselect(key="selected_runs").value) == {f"grid/{m}" for m in table["member"]}
 
 
-def test_sweeps_page_without_sweeps_and_with_a_damaged_one(sweep, app, tmp_path):
+def test_sweeps_page_without_sweeps_and_with_a_damaged_one(sweep, app, tmp_path, monkeypatch):
     at = sweeps_page(app(tmp_path / "empty").run())
     no_exception(at)
-    assert any("lab sweep modadd_quick" in i.value for i in at.info)
+    (message,) = [i.value for i in at.info if "lab sweep modadd_quick" in i.value]
+    command = message.split("```")[1].strip()
+    assert f"--runs-dir {tmp_path / 'empty'}" in command  # not ./runs: the command says where
+    # one argument a line: nothing cut off in the box
+    assert all(len(line) <= 60 for line in command.splitlines() if "--runs-dir" not in line)
     assert not at.get("plotly_chart")
+    monkeypatch.chdir(tmp_path)  # the default folder, ./runs: no --runs-dir to type
+    at = sweeps_page(app("runs").run())
+    (message,) = [i.value for i in at.info if "lab sweep modadd_quick" in i.value]
+    assert "--runs-dir" not in message and "--seeds 2" in message
 
     broken = tmp_path / "runs"
     shutil.copytree(sweep, broken / "grid")

@@ -176,3 +176,49 @@ def test_a_run_stopped_after_grokking_ends_its_progress_bar_full_and_says_why(tm
     last_frame = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
     assert "100%" in last_frame and "15/15" in last_frame, last_frame
     assert "stopped: grokked at 0 + stop_after_grok 12" in last_frame
+
+
+# --- extending a run, turning the early stop off -------------------------------------------------------
+
+
+def test_a_finished_run_extends_with_resume_set_steps_to_the_run_trained_at_once(tmp_path):
+    toml = tmp_path / "tiny.toml"
+    data = tiny_data(batch_size=16)
+    toml.write_text("\n".join(f"[{section}]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in data[section].items())
+                              for section in ("task", "model", "train")))
+    straight = subprocess.run(lab_cmd("train", str(toml), "--runs-dir", str(tmp_path), "--name", "straight", "--quiet",
+                                       "--set", "train.steps=50"), capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr
+    first = subprocess.run(lab_cmd("train", str(toml), "--runs-dir", str(tmp_path), "--name", "run", "--quiet"),
+                           capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["step"] == 30
+
+    extended = subprocess.run(lab_cmd("train", "--resume", str(tmp_path / "run"), "--set", "train.steps=50", "--quiet"),
+                              capture_output=True, text=True)
+    assert extended.returncode == 0, extended.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["step"] == summary["steps"] == 50
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["steps"] == 50
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(0, 51, 10))
+    assert without_time(rows) == without_time(read_jsonl(tmp_path / "straight" / "metrics.jsonl"))  # to the bit
+
+    for assignment, message in (("model.d_model=8", "only train.steps, train.stop_after_grok may change"),
+                                ("train.steps=20", "has already trained 50 steps; give train.steps >= 50")):
+        refused = subprocess.run(lab_cmd("train", "--resume", str(tmp_path / "run"), "--set", assignment),
+                                 capture_output=True, text=True)
+        assert refused.returncode == 2 and message in refused.stderr and "Traceback" not in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("off", [False, "off"])
+def test_stop_after_grok_false_or_off_turns_an_experiments_early_stop_off(tmp_path, monkeypatch, off):
+    from lab.config import load_experiment
+
+    assert load_experiment("a_and_b").train.stop_after_grok == 25
+    assert load_experiment("a_and_b", [f"train.stop_after_grok={json.dumps(off)}"]).train.stop_after_grok is None
+    monkeypatch.setattr(lab.runs.outcomes, "GROK_ACC", 0.0)  # grokked at step 0
+    stops = Trainer(tiny(steps=40, stop_after_grok=10), tmp_path / "stops", progress=False).run()
+    runs_on = Trainer(tiny(steps=40, stop_after_grok=off), tmp_path / "runs_on", progress=False).run()
+    assert (stops["step"], runs_on["step"]) == (10, 40)

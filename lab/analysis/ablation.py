@@ -5,15 +5,15 @@ position, by its mean over the split (padding excluded), which keeps the average
 removes only what depends on the input.
 
 How it is computed, and why it is fast. Only the logits at the task's read position count, so the
-last block runs at that position alone (its query; keys and values at every position), as
-`Transformer.forward_at` does for training. A head of the last block changes the output only
-through its `z` at the read position, and attention's output is a sum over heads through W_O, so
-every "one head ablated" variant is the same `z` with one head's slice replaced: all variants go
-through the rest of the block (MLP, unembedding) together, in one batched pass, after a single
-forward over the split. A head of an earlier layer changes every later position, so each of those
-is a forward of the earlier blocks with that head's `hook_z` patched (positions all kept), followed
-by the same read-position-only last block. The numbers equal the plain `run_with_hooks` forward up
-to float rounding (tests/test_probe.py checks it against that reference).
+last block runs at that position alone, through the model's own one-position path (the one training
+uses, `Transformer.read_at` then `Transformer.logits_at`, lab/models/transformer.py section 5). A
+head of the last block changes the output only through its `z` at the read position, and attention's
+output is a sum over heads through W_O, so every "one head ablated" variant is the same `z` with one
+head's slice replaced: all variants go through `logits_at` together, in one batched pass, after a
+single `read_at` over the split. A head of an earlier layer changes every later position, so each of
+those is a `read_at` with that head's `hook_z` patched (hooks on the earlier blocks apply there).
+The numbers equal the plain `run_with_hooks` forward up to float rounding (tests/test_probe.py checks
+it against that reference).
 
 Results for a Run are cached per checkpoint in `RUN/analysis/heads/step_<step>.json`, keyed on the
 checkpoint file's size and modification time (so a rewritten checkpoint is recomputed), written
@@ -25,17 +25,16 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import threading
 import warnings
 from dataclasses import dataclass
 
 import torch
-from einops import einsum
 
 from lab.runs import storage
 from lab.models.prediction import integer_list
 from lab.models.architectures import require_attention
+from lab.models.transformer import ReadAt
 from lab.analysis.probe import Target, resolve_target
 
 METHODS = ("zero", "mean")
@@ -123,106 +122,16 @@ def private_target(run_or_model, step: int | None = None, task=None) -> Target:
 
 
 # --- the forward pass, read position only in the last block -----------------------------------------
+# `Transformer.read_at` / `logits_at` (lab/models/transformer.py, section 5): the one-position path
+# training uses, in its two steps. Hooks on the earlier blocks apply inside `read_at`.
 
 
-def _key_padding(model, tokens: torch.Tensor) -> torch.Tensor | None:
-    """(batch, pos) True on padding keys, or None when the chunk has none (as `Transformer.forward` decides)."""
-    if model.cfg.pad_token_id is None:
-        return None
-    padding = tokens == model.cfg.pad_token_id
-    return padding if padding.any() else None
-
-
-@dataclass
-class ReadPosition:
-    """What the last block sees at the read position, for a chunk of inputs.
-
-    `resid` (batch, d_model): the residual stream entering the last block there; `z` (batch, head, d_head):
-    each last-block head's output there; `pattern` (batch, head, key): the last block's attention row
-    there (zero on keys a causal query cannot see)."""
-
-    resid: torch.Tensor
-    z: torch.Tensor
-    pattern: torch.Tensor
-
-
-def read_position(model, tokens: torch.Tensor, position: int) -> ReadPosition:
-    """Run the earlier blocks over every position (any hooks attached to them apply), then the last block's
-    attention for the query at `position` only. tokens: (batch, pos)."""
-    n_pos = tokens.shape[1]
-    pos = position % n_pos
-    key_padding = _key_padding(model, tokens)
-    if len(model.blocks) == 1:
-        return _one_layer_read_position(model, tokens, pos, key_padding)
-    resid = model.W_E[tokens]  # (batch, pos, d_model)
-    if model.W_pos is not None:
-        resid = resid + model.W_pos[:n_pos]
-    for block in model.blocks[:-1]:
-        resid = block(resid, key_padding)
-    last = model.blocks[-1]
-    attn = last.attn
-    n_keys = pos + 1 if attn.causal else n_pos  # a causal query never sees later keys
-    x = last.ln1(resid[:, :n_keys])  # (batch, key, d_model)
-    q = einsum(x[:, pos], attn.W_Q, "batch d_model, head d_model d_head -> batch head d_head") + attn.b_Q
-    k = einsum(x, attn.W_K, "batch key d_model, head d_model d_head -> batch key head d_head") + attn.b_K
-    v = einsum(x, attn.W_V, "batch key d_model, head d_model d_head -> batch key head d_head") + attn.b_V
-    scores = einsum(q, k, "batch head d_head, batch key head d_head -> batch head key") / math.sqrt(q.shape[-1])
-    if key_padding is not None:
-        scores = scores.masked_fill(key_padding[:, None, :n_keys], float("-inf"))
-    pattern = scores.softmax(dim=-1)  # (batch, head, key)
-    z = einsum(pattern, v, "batch head key, batch key head d_head -> batch head d_head")
-    if n_keys < n_pos:
-        pattern = torch.nn.functional.pad(pattern, (0, n_pos - n_keys))
-    return ReadPosition(resid[:, pos], z, pattern)
-
-
-def _one_layer_read_position(model, tokens: torch.Tensor, pos: int, key_padding) -> ReadPosition:
-    """`read_position` for a one-layer model, where the attention's input at a position is a function of the
-    (position, token) pair alone (its embedding, LayerNorm'd): LayerNorm, queries, keys and values are
-    computed once per pair in a table (vocab rows, times positions if the model has positional embeddings),
-    scores are looked up in it, and each head's z is its pattern summed per table row times that row's
-    value. For a_and_b's 257-character test strings that is ~29 table rows instead of 2048 x 257 keys."""
-    attn, ln1 = model.blocks[0].attn, model.blocks[0].ln1
-    batch, n_pos = tokens.shape
-    n_keys = pos + 1 if attn.causal else n_pos
-    vocab = model.W_E.shape[0]
-    if model.W_pos is None:
-        embed = model.W_E  # (row = token, d_model)
-        ids = tokens[:, :n_keys]  # (batch, key): each key's table row
-    else:
-        embed = (model.W_pos[:n_keys, None] + model.W_E[None]).reshape(n_keys * vocab, -1)  # (row = pos * vocab + token, d_model)
-        ids = tokens[:, :n_keys] + torch.arange(n_keys, device=tokens.device) * vocab
-    x = ln1(embed)
-    q_table = einsum(x, attn.W_Q, "row d_model, head d_model d_head -> row head d_head") + attn.b_Q
-    k_table = einsum(x, attn.W_K, "row d_model, head d_model d_head -> row head d_head") + attn.b_K
-    v_table = einsum(x, attn.W_V, "row d_model, head d_model d_head -> row head d_head") + attn.b_V
-    q = q_table[ids[:, pos]]  # (batch, head, d_head)
-    row_scores = einsum(q, k_table, "batch head d_head, row head d_head -> batch head row") / math.sqrt(q.shape[-1])
-    scores = row_scores.gather(-1, ids[:, None, :].expand(batch, q.shape[1], n_keys))  # (batch, head, key)
-    if key_padding is not None:
-        scores = scores.masked_fill(key_padding[:, None, :n_keys], float("-inf"))
-    pattern = scores.softmax(dim=-1)  # (batch, head, key)
-    row_weights = torch.zeros_like(row_scores).scatter_add_(-1, ids[:, None, :].expand_as(pattern), pattern)
-    z = einsum(row_weights, v_table, "batch head row, row head d_head -> batch head d_head")
-    if n_keys < n_pos:
-        pattern = torch.nn.functional.pad(pattern, (0, n_pos - n_keys))
-    return ReadPosition(embed[ids[:, pos]], z, pattern)
-
-
-def logits_from_z(model, resid: torch.Tensor, z: torch.Tensor, neuron_patch=None) -> torch.Tensor:
-    """The rest of the last block at the read position: resid (..., d_model) + z (..., head, d_head) through
-    W_O, then the MLP and the unembedding -> logits (..., vocab). `neuron_patch(post)` may rewrite the
-    MLP's `hook_post` (..., d_mlp)."""
-    last = model.blocks[-1]
-    attn_out = einsum(z, last.attn.W_O, "... head d_head, head d_head d_model -> ... d_model") + last.attn.b_O
-    resid = resid + attn_out
-    if last.mlp is not None:
-        mlp = last.mlp
-        post = mlp.act_fn(last.ln2(resid) @ mlp.W_in + mlp.b_in)  # (..., d_mlp)
-        if neuron_patch is not None:
-            post = neuron_patch(post)
-        resid = resid + post @ mlp.W_out + mlp.b_out
-    return model.ln_final(resid) @ model.W_U + model.b_U
+def _read_chunk(model, tokens: torch.Tensor, position: int) -> ReadAt:
+    """`model.read_at` on one chunk, with the attention row padded to every key (batch, head, pos): zero on
+    the keys a causal query cannot see."""
+    read = model.read_at(tokens.to(model.device), position)
+    n_pos = tokens.shape[-1]
+    return ReadAt(read.resid, read.z, torch.nn.functional.pad(read.pattern, (0, n_pos - read.pattern.shape[-1])))
 
 
 def _chunks(model, tokens: torch.Tensor):
@@ -255,11 +164,11 @@ def _real(target: Target, tokens: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class CleanPass:
-    """One forward over a split, nothing ablated: `read` (ReadPosition of every input, on CPU);
+    """One forward over a split, nothing ablated: `read` (ReadAt of every input, on CPU, rows padded to every key);
     `patterns` (batch, layer, head, key): every layer's attention row at the read position; `z_means`
     {earlier layer: (pos, head, d_head)}: per-position means of hook_z, padding excluded."""
 
-    read: ReadPosition
+    read: ReadAt
     patterns: torch.Tensor
     z_means: dict
 
@@ -268,7 +177,7 @@ class CleanPass:
 def clean_pass(target: Target, tokens: torch.Tensor) -> CleanPass:
     """The one forward every head analysis of a split starts from (see CleanPass)."""
     model = target.model
-    read_at = target.task.read_position
+    position = target.task.read_position
     pieces, rows, sums, counts = [], [], {}, {}
     for _, chunk in _chunks(model, tokens):
         z_acts, pattern_rows = {}, {}
@@ -276,17 +185,17 @@ def clean_pass(target: Target, tokens: torch.Tensor) -> CleanPass:
         for layer in range(model.cfg.n_layers - 1):
             hooks.append((f"blocks.{layer}.attn.hook_z", lambda act, hook, layer=layer: z_acts.__setitem__(layer, act)))
             hooks.append((f"blocks.{layer}.attn.hook_pattern",
-                          lambda act, hook, layer=layer: pattern_rows.__setitem__(layer, act[:, :, read_at])))
+                          lambda act, hook, layer=layer: pattern_rows.__setitem__(layer, act[:, :, position])))
         with model.hooks(fwd_hooks=hooks):
-            piece = read_position(model, chunk.to(model.device), read_at)
-        pieces.append(ReadPosition(piece.resid.cpu(), piece.z.cpu(), piece.pattern.cpu()))
+            piece = _read_chunk(model, chunk, position)
+        pieces.append(ReadAt(piece.resid.cpu(), piece.z.cpu(), piece.pattern.cpu()))
         rows.append(torch.stack([pattern_rows[layer].cpu() for layer in sorted(pattern_rows)] + [pieces[-1].pattern], 1))
         real = _real(target, chunk)[:, :, None, None]  # (batch, pos, 1, 1)
         for layer, act in z_acts.items():
             part, n = (act.float().cpu() * real).sum(0), real.sum(0)
             sums[layer] = part if layer not in sums else sums[layer] + part
             counts[layer] = n if layer not in counts else counts[layer] + n
-    read = ReadPosition(*(torch.cat([getattr(p, name) for p in pieces]) for name in ("resid", "z", "pattern")))
+    read = ReadAt(*(torch.cat([getattr(p, name) for p in pieces]) for name in ("resid", "z", "pattern")))
     return CleanPass(read, torch.cat(rows), {layer: sums[layer] / counts[layer].clamp(min=1) for layer in sums})
 
 
@@ -297,7 +206,7 @@ def _read_mean(target: Target, tokens: torch.Tensor, values: torch.Tensor) -> to
 
 
 @torch.no_grad()
-def _last_layer_variants(model, clean: ReadPosition, means: torch.Tensor | None) -> torch.Tensor:
+def _last_layer_variants(model, clean: ReadAt, means: torch.Tensor | None) -> torch.Tensor:
     """z for "none" and each last-layer head ablated: (1 + head, batch, head, d_head)."""
     n_heads = clean.z.shape[1]
     variants = clean.z[None].repeat(1 + n_heads, 1, 1, 1)
@@ -319,18 +228,18 @@ def _earlier_layer_logits(target: Target, tokens: torch.Tensor, layer: int, head
     logits = []
     for _, chunk in _chunks(model, tokens):
         with model.hooks(fwd_hooks=[(f"blocks.{layer}.attn.hook_z", patch)]):
-            piece = read_position(model, chunk.to(model.device), target.task.read_position)
-        logits.append(logits_from_z(model, piece.resid, piece.z).cpu())
+            piece = model.read_at(chunk.to(model.device), target.task.read_position)
+        logits.append(model.logits_at(piece.resid, piece.z).cpu())
     return torch.cat(logits)
 
 
-def _logits_in_rows(model, resid: torch.Tensor, z: torch.Tensor, neuron_patch=None) -> torch.Tensor:
-    """logits_from_z over (variant, batch, ...) in row chunks (the MLP's d_mlp can be wide)."""
+def _logits_in_rows(model, resid: torch.Tensor, z: torch.Tensor, replace_post=None) -> torch.Tensor:
+    """`model.logits_at` over (variant, batch, ...) in row chunks (the MLP's d_mlp can be wide)."""
     size = max(1, ROWS_FLOATS // max(model.cfg.d_mlp or 0, model.cfg.d_model, model.cfg.d_vocab_out))
     out = []
     for start in range(0, resid.shape[-2], size):
-        out.append(logits_from_z(model, resid[..., start : start + size, :].to(model.device),
-                                 z[..., start : start + size, :, :].to(model.device), neuron_patch).cpu())
+        out.append(model.logits_at(resid[..., start : start + size, :].to(model.device),
+                                   z[..., start : start + size, :, :].to(model.device), replace_post).cpu())
     return torch.cat(out, dim=-2)
 
 
@@ -359,11 +268,13 @@ def head_ablation_rows(target: Target, split: str, method: str, clean: CleanPass
     return rows
 
 
-def _frame(rows: list[dict]):
+def _frame(rows: list[dict], what: str = "head"):
+    """The ablation table: component, layer, `what` (head, or neurons), loss, accuracy, and the deltas relative to
+    the first row ("none"). layer and `what` are None on that row (object columns, so they stay None)."""
     import pandas as pd
 
-    frame = pd.DataFrame({key: pd.Series([row[key] for row in rows], dtype=object if key in ("layer", "head") else None)
-                          for key in ("component", "layer", "head", "loss", "accuracy")})
+    frame = pd.DataFrame({key: pd.Series([row[key] for row in rows], dtype=object if key in ("layer", what) else None)
+                          for key in ("component", "layer", what, "loss", "accuracy")})
     frame["delta_loss"] = frame["loss"] - rows[0]["loss"]
     frame["delta_accuracy"] = frame["accuracy"] - rows[0]["accuracy"]
     return frame
@@ -436,16 +347,21 @@ def ablate_heads(run_or_model, split: str = "test", method: str = "zero", step: 
 
 @torch.no_grad()
 def ablate_neurons(run_or_model, neurons: list[int], layer: int = 0, split: str = "test", method: str = "zero",
-                   step: int | None = None, task=None) -> dict:
+                   step: int | None = None, task=None):
     """Loss and accuracy on `split` with the MLP neurons `neurons` of `layer` (their `hook_post`) zeroed or
-    mean-replaced: {"loss", "accuracy", "base_loss", "base_accuracy"}."""
+    mean-replaced, as a table like `ablate_heads`'s: a "none" row (nothing ablated) and one row with the
+    neurons ablated, e.g. "L0 MLP (64 neurons)". Columns: component, layer, neurons (the list), loss,
+    accuracy, delta_loss, delta_accuracy (relative to "none")."""
     _check(split, method)
     target = private_target(run_or_model, step, task)
     model, cfg = target.model, target.model.cfg
     if cfg.arch != "transformer":  # the MLP's and CNN's hidden layers (lab/models/architectures.py)
         from lab.models.architectures import ablate_hidden_neurons
 
-        return ablate_hidden_neurons(target, neurons, layer, split, method, lambda logits, labels: _score(target, logits, labels))
+        scores = ablate_hidden_neurons(target, neurons, layer, split, method,
+                                       lambda logits, labels: _score(target, logits, labels))
+        return _neuron_frame(layer, neurons, (scores["base_loss"], scores["base_accuracy"]),
+                             (scores["loss"], scores["accuracy"]))
     if cfg.attn_only:
         raise ValueError("this model is attention-only: it has no MLP neurons to ablate")
     if not 0 <= layer < cfg.n_layers:
@@ -462,8 +378,8 @@ def ablate_neurons(run_or_model, neurons: list[int], layer: int = 0, split: str 
         base = _logits_in_rows(model, clean.resid, clean.z)
         post = None
         if method == "mean":
-            grabbed = []
-            _logits_in_rows(model, clean.resid, clean.z, neuron_patch=lambda act: grabbed.append(act) or act)
+            grabbed = []  # the MLP's activations at the read position, (rows, 1, d_mlp) per chunk
+            _logits_in_rows(model, clean.resid, clean.z, replace_post=lambda act: grabbed.append(act[:, 0]) or act)
             post = _read_mean(target, data.tokens, torch.cat(grabbed).cpu())  # (d_mlp,)
 
         def patch(act):
@@ -471,12 +387,19 @@ def ablate_neurons(run_or_model, neurons: list[int], layer: int = 0, split: str 
             act[..., index] = 0.0 if post is None else post[index].to(act.device, act.dtype)
             return act
 
-        ablated = _logits_in_rows(model, clean.resid, clean.z, neuron_patch=patch)
+        ablated = _logits_in_rows(model, clean.resid, clean.z, replace_post=patch)
     else:
         ablated, base = _earlier_neuron_logits(target, data.tokens, layer, index, method)
-    base_loss, base_acc = _score(target, base, data.labels)
-    loss, acc = _score(target, ablated, data.labels)
-    return {"loss": loss, "accuracy": acc, "base_loss": base_loss, "base_accuracy": base_acc}
+    return _neuron_frame(layer, neurons, _score(target, base, data.labels), _score(target, ablated, data.labels))
+
+
+def _neuron_frame(layer: int, neurons: list[int], base: tuple[float, float], ablated: tuple[float, float]):
+    """ablate_neurons' table from the (loss, accuracy) pairs without and with the neurons ablated."""
+    neurons = [int(n) for n in neurons]
+    label = f"L{layer} MLP ({len(neurons)} neuron{'s' * (len(neurons) != 1)})"
+    return _frame([{"component": "none", "layer": None, "neurons": None, "loss": base[0], "accuracy": base[1]},
+                   {"component": label, "layer": layer, "neurons": neurons, "loss": ablated[0], "accuracy": ablated[1]}],
+                  what="neurons")
 
 
 def _earlier_neuron_logits(target: Target, tokens: torch.Tensor, layer: int, index: torch.Tensor, method: str):
@@ -489,7 +412,7 @@ def _earlier_neuron_logits(target: Target, tokens: torch.Tensor, layer: int, ind
         for _, chunk in _chunks(model, tokens):
             captured = []
             with model.hooks(fwd_hooks=[(hook_name, lambda act, hook: captured.append(act))]):
-                read_position(model, chunk.to(model.device), target.task.read_position)
+                model.read_at(chunk.to(model.device), target.task.read_position)
             real = _real(target, chunk)[:, :, None]
             part, n = (captured[0].float().cpu() * real).sum(0), real.sum(0)
             total, count = (part, n) if total is None else (total + part, count + n)
@@ -503,9 +426,9 @@ def _earlier_neuron_logits(target: Target, tokens: torch.Tensor, layer: int, ind
     ablated, base = [], []
     for _, chunk in _chunks(model, tokens):
         chunk = chunk.to(model.device)
-        piece = read_position(model, chunk, target.task.read_position)
-        base.append(logits_from_z(model, piece.resid, piece.z).cpu())
+        piece = model.read_at(chunk, target.task.read_position)
+        base.append(model.logits_at(piece.resid, piece.z).cpu())
         with model.hooks(fwd_hooks=[(hook_name, patch)]):
-            piece = read_position(model, chunk, target.task.read_position)
-        ablated.append(logits_from_z(model, piece.resid, piece.z).cpu())
+            piece = model.read_at(chunk, target.task.read_position)
+        ablated.append(model.logits_at(piece.resid, piece.z).cpu())
     return torch.cat(ablated), torch.cat(base)

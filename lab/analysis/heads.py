@@ -15,28 +15,30 @@ from __future__ import annotations
 from lab.analysis.ablation import (FINDS_RATIO, METHODS, SPLITS, _run_of, ablate_heads, cached, is_cached,
                                    letter_masses, private_target, split_entries)
 from lab.models.architectures import require_attention
-from lab.analysis.probe import Target, resolve_target
+from lab.analysis.probe import Target
 
-def letter_attention(run, step: int | None = None, split: str = "test", cache: bool = True):
+
+def letter_attention(run, step: int | None = None, split: str = "test", cache: bool = True, task=None):
     """One row per head: component, layer, head, mass_on_a, mass_on_b, ablated_accuracy (head zeroed),
     finds ("a" or "b" when the head puts more than FINDS_RATIO times as much mass on that letter, else "-").
 
-    Exact (every string of the split); for a Run cached per checkpoint in the run folder (`cache=False`
-    recomputes without the cache)."""
+    Pass a Run (or its folder), or a bare model with `task=` as for `lab.ablate_heads`. Exact (every
+    string of the split); for a Run cached per checkpoint in the run folder (`cache=False` recomputes
+    without the cache)."""
     import pandas as pd
 
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid: {', '.join(map(repr, SPLITS))}")
-    require_attention(_run_of(run, None) or run, "lab.letter_attention")
-    owner = _run_of(run, None) if cache else None
-    task = owner.task if owner is not None else resolve_target(run, step).task
+    require_attention(_run_of(run, task) or run, "lab.letter_attention")
+    owner = _run_of(run, task) if cache else None
+    target = None if owner is not None else private_target(run, step, task)
+    task = owner.task if owner is not None else target.task
     if task.name != "a_and_b":
         raise ValueError(f"letter_attention is for a_and_b runs; this one is task {task.name!r}")
     if owner is not None:
         rows = cached(owner, step, f"letter_attention/{split}", lambda: split_entries(private_target(owner, step), split))
         ablated = ablate_heads(owner, split=split, step=step)
     else:
-        target = private_target(run, step)
         rows = letter_masses(target, split)
         ablated = ablate_heads(target.run if target.run is not None else target.model, split=split, step=step,
                                task=None if target.run is not None else task, cache=False)

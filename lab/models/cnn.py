@@ -38,7 +38,9 @@ class ConvLayer(nn.Module):
     def forward(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         x = x * real[..., None].to(x.dtype)  # padding reads as zeros
         # conv1d wants channels first: (batch, d_in, pos) -> (batch, channels, pos)
-        pre = F.conv1d(x.transpose(1, 2), self.W_conv, self.b_conv, padding="same").transpose(1, 2)
+        # the bias is added apart from the convolution: conv1d's fused bias gradient is another reduction once
+        # a sweep's ensemble vmaps it (a grouped convolution); added apart, a member's equals its standalone run's
+        pre = F.conv1d(x.transpose(1, 2), self.W_conv, padding="same").transpose(1, 2) + self.b_conv
         return self.hook_post(self.act_fn(self.hook_pre(pre)))
 
 

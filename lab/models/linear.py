@@ -45,7 +45,9 @@ class LinearClassifier(PooledModel):
     def logits(self, tokens: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """tokens (batch, pos), real (batch, pos) -> logits (batch, d_vocab_out)."""
         n_pos = tokens.shape[1]
-        one_hot = F.one_hot(tokens, self.cfg.d_vocab).to(self.W_U.dtype) * real[..., None]  # (batch, pos, d_vocab)
+        # one-hot as a comparison (F.one_hot checks its input's range, which torch.func.vmap cannot trace)
+        vocab = torch.arange(self.cfg.d_vocab, device=tokens.device)
+        one_hot = (tokens[..., None] == vocab).to(self.W_U.dtype) * real[..., None]  # (batch, pos, d_vocab)
         if self.one_hot:
             if n_pos > self.cfg.n_ctx:
                 raise ValueError(f"input of {n_pos} positions is longer than this model's window of {self.cfg.n_ctx}")

@@ -13,12 +13,16 @@ Weights carry TransformerLens names too: `W_E`, `W_pos`, `blocks[l].attn.W_Q/W_K
 Shapes use: batch, pos (= query or key), d_model, head, d_head, d_mlp, vocab.
 
 Training reads the logits of one position only: `Transformer.forward_at` computes just those, with
-these modules' weights and the same result, in section 5 at the end of this file.
+these modules' weights and the same result, in section 5 at the end of this file. Analyses that read
+one position (head and neuron ablations) call the same path in its two steps, `read_at` (the
+residual stream, each head's z and attention row there) and `logits_at` (the rest, after replacing
+what they ablate).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -120,11 +124,14 @@ class MLP(nn.Module):
         self.hook_pre = HookPoint()  # (batch, pos, d_mlp)
         self.hook_post = HookPoint()  # (batch, pos, d_mlp)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, replace_post=None) -> torch.Tensor:
         # x: (batch, pos, d_model); the fast path calls this too, with pos = 1. F.linear is the matmul
-        # and the bias add as one op, so both paths round alike.
+        # and the bias add as one op, so both paths round alike. `replace_post(post) -> post` lets the
+        # read-position path of section 5 ablate neurons where it runs no hook points.
         pre = self.hook_pre(F.linear(x, self.W_in.T, self.b_in))  # x @ W_in + b_in: (batch, pos, d_mlp)
         post = self.hook_post(self.act_fn(pre))  # (batch, pos, d_mlp)
+        if replace_post is not None:
+            post = replace_post(post)
         return F.linear(post, self.W_out.T, self.b_out)  # post @ W_out + b_out: (batch, pos, d_model)
 
 
@@ -224,6 +231,17 @@ class Transformer(HookedRootModule):
         (section 5 below). Falls back to `forward` while a hook is attached."""
         return forward_at(self, tokens, position, key_padding)
 
+    def read_at(self, tokens: torch.Tensor, position: int, key_padding: torch.Tensor | None = None) -> ReadAt:
+        """What the last block reads and computes at `position` (section 5): the residual stream entering
+        it (batch, d_model), each head's z (batch, head, d_head) and attention row (batch, head, key).
+        `model.logits_at(read.resid, read.z)` finishes the forward: equal to `forward_at`."""
+        return read_at(self, tokens, position, key_padding)
+
+    def logits_at(self, resid: torch.Tensor, z: torch.Tensor, replace_post=None) -> torch.Tensor:
+        """The last block after attention, at one position: (resid, z) of `read_at`, ablated or not ->
+        logits (..., d_vocab_out); `replace_post` rewrites the MLP's activations (section 5)."""
+        return logits_at(self, resid, z, replace_post)
+
     def run_with_cache(self, *args, **kwargs) -> tuple[torch.Tensor, ActivationCache]:
         """Like TransformerLens: `logits, cache = model.run_with_cache(tokens)`; `cache["pattern", 0]`."""
         logits, cache_dict = super().run_with_cache(*args, **kwargs)
@@ -234,23 +252,43 @@ class Transformer(HookedRootModule):
         return self.W_E.device
 
 
-# --- 5. The one-position fast path ----------------------------------------------------------
-# The one-position fast path: a model's logits at one position, for training.
+# --- 5. The one-position path -------------------------------------------------------------------
+# A model's computation at one position: for training, and for the analyses that read one position.
 #
 # Training reads the logits of one position (the `=` of a + b, or a CLS token). In the last block
 # only that position's query, attention output, MLP and unembedding reach the loss, so computing
 # them for every position wastes work (2.3x the FLOPs on the Nanda et al. setup). `forward_at` does
-# `Transformer.forward`'s arithmetic restricted to that position:
+# `Transformer.forward`'s arithmetic restricted to that position, in two steps that analyses call
+# on their own:
 #
-# - the earlier blocks run as usual (every position feeds the last block's keys and values);
-# - in the last block, keys and values only at the positions the query can see, K and V fused into
-#   one 2-D matmul, and the query at that one position;
-# - the MLP is the block's own module, called on the one position;
-# - for one layer without LayerNorm, Q, K and V are looked up in per-token and per-position tables.
+# - `read_at`: the earlier blocks run as usual (every position feeds the last block's keys and
+#   values); in the last block, keys and values only at the positions the query can see, K and V
+#   fused into one 2-D matmul, and the query at that one position; for one layer without LayerNorm,
+#   Q, K and V are looked up in per-token and per-position tables (and for analyses of one layer
+#   without positions over inputs longer than the vocabulary, attention is summed per token:
+#   `_read_at_by_rows`). It returns the residual stream entering the last block there, each head's
+#   `z` there and the attention row (`ReadAt`).
+# - `logits_at`: the rest of the last block from (resid, z): W_O, the block's own MLP module on the
+#   one position, the unembedding. An analysis replaces heads' `z` between the two steps (ablating
+#   every head of the last block from one `read_at`), or neurons with `replace_post`.
 #
 # It shares `Transformer.prepare_input` with `forward`, and equals `forward(tokens)[:, position]`
 # up to float rounding, gradients included (tests/test_fast_path.py is its contract). It skips the
-# hook points, which are identities, so while any TransformerLens hook is attached it runs `forward`.
+# last block's and the embedding's hook points, which are identities: while any TransformerLens hook
+# is attached `forward_at` runs `forward`, and `read_at` runs the earlier blocks as modules, so
+# hooks there apply (how analyses patch an earlier layer), and refuses hooks where it runs none.
+
+
+@dataclass
+class ReadAt:
+    """The last block at one position, for a batch of inputs: `resid` (batch, d_model), the residual
+    stream entering the last block there; `z` (batch, head, d_head), each last-block head's output
+    there (TransformerLens's `hook_z` at that query); `pattern` (batch, head, key), its attention row
+    over the keys the query can see (the first position + 1 for a causal model, else all)."""
+
+    resid: torch.Tensor
+    z: torch.Tensor
+    pattern: torch.Tensor
 
 
 def hooks_attached(model: Transformer) -> bool:
@@ -266,6 +304,32 @@ def forward_at(model: Transformer, tokens: torch.Tensor, position: int,
     `model(tokens)[:, position]` up to float rounding, gradients included, at a fraction of the cost."""
     if hooks_attached(model):
         return model(tokens, key_padding)[:, position]
+    read = _read_at(model, tokens, position, key_padding)
+    return logits_at(model, read.resid, read.z)
+
+
+def read_at(model: Transformer, tokens: torch.Tensor, position: int,
+            key_padding: torch.Tensor | None = None) -> ReadAt:
+    """tokens (batch, pos) -> `ReadAt` at `position`: what the last block reads and computes there.
+    Hooks on the earlier blocks apply; a hook where this path runs no hook point (the embeddings,
+    the last block, ln_final) raises ValueError, since it would be silently skipped."""
+    last = len(model.blocks) - 1
+    skipped = [name for name, point in model.hook_dict.items()
+               if (point.fwd_hooks or point.bwd_hooks) and not _in_earlier_block(name, last)]
+    if skipped:
+        raise ValueError(f"a hook on {skipped[0]} would not run: read_at runs hook points only in blocks 0..{last - 1}; "
+                         "use model.run_with_hooks for hooks there")
+    return _read_at(model, tokens, position, key_padding, by_rows=True)
+
+
+def _in_earlier_block(hook_name: str, last: int) -> bool:
+    parts = hook_name.split(".")
+    return parts[0] == "blocks" and int(parts[1]) < last
+
+
+def _read_at(model: Transformer, tokens: torch.Tensor, position: int, key_padding: torch.Tensor | None,
+             by_rows: bool = False) -> ReadAt:
+    """`read_at` without the hook check. `by_rows`: allow `_read_at_by_rows` for one-layer models."""
     tokens, key_padding = model.prepare_input(tokens, key_padding)  # (batch, pos), (batch, pos) | None
     n_pos = tokens.shape[1]
     if not -n_pos <= position < n_pos:
@@ -274,6 +338,8 @@ def forward_at(model: Transformer, tokens: torch.Tensor, position: int,
 
     block = model.blocks[-1]
     n_keys = pos + 1 if block.attn.causal else n_pos  # a causal query never sees later keys
+    if by_rows and len(model.blocks) == 1 and model.W_pos is None and model.W_E.shape[0] < n_keys:
+        return _read_at_by_rows(model, tokens, pos, n_keys, key_padding)
     if len(model.blocks) == 1 and isinstance(block.ln1, nn.Identity):
         # one layer, no LayerNorm: attention reads embeddings straight from per-token tables
         k, v, q = _qkv_at_from_tokens(block.attn, model.W_E, model.W_pos, tokens, pos, n_keys)
@@ -288,11 +354,26 @@ def forward_at(model: Transformer, tokens: torch.Tensor, position: int,
             resid = earlier(resid, key_padding)
         k, v, q = _qkv_at(block.attn, block.ln1(resid), pos, n_keys)
         resid_at = resid[:, pos]  # (batch, d_model)
-    resid_at = resid_at + _attend_at(block.attn, k, v, q, key_padding)  # (batch, d_model)
+    z, pattern = _attend_at(k, v, q, key_padding)
+    return ReadAt(resid_at, z, pattern)
+
+
+def logits_at(model: Transformer, resid: torch.Tensor, z: torch.Tensor, replace_post=None) -> torch.Tensor:
+    """The rest of the last block at one position: resid (..., d_model) plus the heads' z (..., head,
+    d_head) through W_O, then the MLP (with `replace_post(post) -> post` applied to its activations
+    (rows, 1, d_mlp), if given) and the unembedding -> logits (..., d_vocab_out). Leading dimensions
+    are batch-like: e.g. (variant, batch, ...) evaluates several ablations of one `read_at` at once."""
+    block = model.blocks[-1]
+    n_heads, d_head, d_model = block.attn.W_O.shape
+    lead = resid.shape[:-1]
+    # (..., head, d_head) -> (rows, head * d_head) @ (head * d_head, d_model)
+    attn_out = torch.addmm(block.attn.b_O, z.reshape(-1, n_heads * d_head), block.attn.W_O.reshape(n_heads * d_head, d_model))
+    resid = resid.reshape(-1, d_model) + attn_out  # (rows, d_model)
     if block.mlp is not None:
-        # (batch, d_model) -> (batch, 1, d_model): the MLP module sees one position
-        resid_at = resid_at + block.mlp(block.ln2(resid_at)[:, None])[:, 0]
-    return torch.addmm(model.b_U, model.ln_final(resid_at), model.W_U)  # (batch, d_vocab_out)
+        # (rows, d_model) -> (rows, 1, d_model): the MLP module sees one position
+        resid = resid + block.mlp(block.ln2(resid)[:, None], replace_post)[:, 0]
+    logits = torch.addmm(model.b_U, model.ln_final(resid), model.W_U)  # (rows, d_vocab_out)
+    return logits.view(*lead, logits.shape[-1])
 
 
 def _qkv_at(attn: Attention, x: torch.Tensor, pos: int, n_keys: int) -> tuple[torch.Tensor, ...]:
@@ -317,9 +398,7 @@ def _qkv_at_from_tokens(attn: Attention, W_E: torch.Tensor, W_pos: torch.Tensor 
     and per-position tables (vocab + n_ctx rows) instead of multiplied out for every batch row."""
     n_heads, d_model, d_head = attn.W_Q.shape
     batch, he = tokens.shape[0], n_heads * d_head
-    # (3 * head, d_model, d_head) -> (d_model, 3 * head * d_head): Q's columns, then K's, then V's
-    W_QKV = torch.cat([attn.W_Q, attn.W_K, attn.W_V]).permute(1, 0, 2).reshape(d_model, 3 * he)
-    b_QKV = torch.cat([attn.b_Q, attn.b_K, attn.b_V]).reshape(-1)  # (3 * head * d_head,)
+    W_QKV, b_QKV = _fused_qkv(attn)
     token_table = torch.addmm(b_QKV, W_E, W_QKV)  # (vocab, 3 * he)
     q = F.embedding(tokens[:, pos], token_table[:, :he])  # (batch, he)
     kv = F.embedding(tokens[:, :n_keys], token_table[:, he:])  # (batch, key, 2 * he)
@@ -331,15 +410,51 @@ def _qkv_at_from_tokens(attn: Attention, W_E: torch.Tensor, W_pos: torch.Tensor 
     return k, v, q.view(batch, 1, n_heads, d_head)
 
 
-def _attend_at(attn: Attention, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor,
-               key_padding: torch.Tensor | None) -> torch.Tensor:
-    """One query per row attends over its keys; returns the attention output (batch, d_model)."""
-    n_heads, d_head, d_model = attn.W_O.shape
-    batch, n_keys = k.shape[:2]
+def _fused_qkv(attn: Attention) -> tuple[torch.Tensor, torch.Tensor]:
+    """W_Q, W_K, W_V as one (d_model, 3 * head * d_head) matrix (Q's columns, then K's, then V's), and their biases."""
+    n_heads, d_model, d_head = attn.W_Q.shape
+    # (3 * head, d_model, d_head) -> (d_model, 3 * head * d_head)
+    W_QKV = torch.cat([attn.W_Q, attn.W_K, attn.W_V]).permute(1, 0, 2).reshape(d_model, 3 * n_heads * d_head)
+    return W_QKV, torch.cat([attn.b_Q, attn.b_K, attn.b_V]).reshape(-1)  # bias: (3 * head * d_head,)
+
+
+def _read_at_by_rows(model: Transformer, tokens: torch.Tensor, pos: int, n_keys: int,
+                     key_padding: torch.Tensor | None) -> ReadAt:
+    """`_read_at` for a one-layer model without positional embeddings, summing over the vocabulary
+    ("rows") instead of over keys, for inputs with more keys than the vocabulary has tokens.
+
+    The attention's input at a key is then a function of its token alone (the embedding, LayerNorm'd
+    or not), so Q, K and V are computed once per token in a table, scores are looked up in it, and
+    each head's z is its pattern summed per token times that token's value. a_and_b's test strings
+    have up to 257 keys over a vocabulary of 29, and its Heads analyses run 5x faster than per key. Training
+    keeps `_read_at`'s per-key order (rounding as `forward` does, in sweeps as in single runs), so only
+    `read_at` (the analyses) takes this one."""
+    block = model.blocks[0]
+    n_heads, _, d_head = block.attn.W_Q.shape
+    batch = tokens.shape[0]
+    ids = tokens[:, :n_keys]  # (batch, key): each key's row of the table = its token
+    W_QKV, b_QKV = _fused_qkv(block.attn)
+    table = torch.addmm(b_QKV, block.ln1(model.W_E), W_QKV)  # (row, 3 * head * d_head)
+    q_table, k_table, v_table = table.view(-1, 3, n_heads, d_head).unbind(1)  # each (row, head, d_head)
+    q = q_table[ids[:, pos]]  # (batch, head, d_head)
+    row_scores = einsum(q, k_table, "batch head d_head, row head d_head -> batch head row") / math.sqrt(d_head)
+    scores = row_scores.gather(-1, ids[:, None, :].expand(batch, n_heads, n_keys))  # (batch, head, key)
+    if key_padding is not None:
+        scores = scores.masked_fill(key_padding[:, None, :n_keys], float("-inf"))  # (batch, 1, key)
+    pattern = scores.softmax(dim=-1)  # (batch, head, key)
+    # each key's attention added onto its row: (batch, head, key) -> (batch, head, row)
+    row_weights = torch.zeros_like(row_scores).scatter_add(-1, ids[:, None, :].expand_as(pattern), pattern)
+    z = einsum(row_weights, v_table, "batch head row, row head d_head -> batch head d_head")
+    return ReadAt(model.W_E[ids[:, pos]], z, pattern)
+
+
+def _attend_at(k: torch.Tensor, v: torch.Tensor, q: torch.Tensor,
+               key_padding: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query per row attends over its keys: z (batch, head, d_head) and the pattern (batch, head, key)."""
+    n_keys, d_head = k.shape[1], k.shape[-1]
     scores = (k * q).sum(-1) / math.sqrt(d_head)  # (batch, key, head)
     if key_padding is not None:
         scores = scores.masked_fill(key_padding[:, :n_keys, None], float("-inf"))  # (batch, key, 1)
     pattern = scores.softmax(dim=1)  # over keys
     z = (pattern[..., None] * v).sum(1)  # (batch, key, head, 1) * (batch, key, head, d_head) -> (batch, head, d_head)
-    # (batch, head * d_head) @ (head * d_head, d_model)
-    return torch.addmm(attn.b_O, z.reshape(batch, n_heads * d_head), attn.W_O.reshape(n_heads * d_head, d_model))
+    return z, pattern.transpose(1, 2)  # (batch, key, head) -> (batch, head, key)

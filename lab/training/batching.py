@@ -1,4 +1,5 @@
-"""Splitting a batch of inputs into chunks that fit one memory budget (evaluation and analysis alike).
+"""Which rows a step reads: chunks of a split that fit one memory budget (evaluation and analysis
+alike), and the seeded mini-batch of a training step (the Trainer and every ensemble member alike).
 
 The largest activation of a forward pass over (batch, pos) tokens is usually the attention scores,
 batch * heads * pos^2 floats; a chunk holds at most ATTENTION_FLOATS of them (64 MB in float32).
@@ -23,3 +24,15 @@ def batches(tokens: torch.Tensor, n_heads: int, budget: int = ATTENTION_FLOATS) 
     size = rows_per_chunk(n_heads, tokens.shape[1], budget)
     for start in range(0, tokens.shape[0], size):
         yield start, tokens[start : start + size]
+
+
+def rows_per_step(batch_size: int | None, n_train: int) -> int:
+    """Training rows one step reads: the whole training split (batch_size None, or not smaller), else batch_size."""
+    return n_train if batch_size is None else min(batch_size, n_train)
+
+
+def minibatch_index(seed: int, step: int, n_train: int, batch_size: int) -> torch.Tensor:
+    """The rows (indices into the training split) of step `step`'s mini-batch: a randperm drawn from a
+    generator seeded by (model seed, step), so a resumed run draws the same batches as an uninterrupted one."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.randperm(n_train, generator=generator)[:batch_size]

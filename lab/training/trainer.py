@@ -1,23 +1,34 @@
 """Training: AdamW with linear warm-up, periodic evaluation, checkpoints, and exact resume.
 
+One run loop (`train_members`) trains one or many models, each into its own run folder: the
+`Trainer` is its one-member case, a sweep's stacked ensemble (lab/sweeps/ensemble.py) its many-member
+case. The loop owns everything a run folder holds (rows, checkpoints, resume state, summary,
+stop-after-grok, divergence, Ctrl-C); an *engine* owns the tensors: the `Trainer` one model and its
+torch AdamW, `StackedEnsemble` many models stacked on a member axis. An engine has
+
+    device, n_params, full_batch(slot), evaluate(slots, reuse) -> metrics per slot,
+    update() (one step of every member), resume_state(slot, elapsed_s), keep(slots)
+
 The step counter means "updates done": the metrics row and the checkpoint at step s both describe
 the model after s updates. Rows are written at step 0, every `eval_every` steps and at the last
 step; checkpoints at step 0, at `log_checkpoints` log-spaced steps, every `checkpoint_every` steps
 and at the last step. A checkpoint also rewrites `resume.safetensors` (weights, AdamW moments and
 gradient-filter state), from which `--resume` continues so that the metrics equal those of an
 uninterrupted run bit for bit on CPU (only `elapsed_s` differs): full-batch training has no
-randomness after initialisation, and a mini-batch is drawn from a generator seeded by its step.
-Across processes this relies on MKL's strict reproducibility mode, which `import lab` switches on
-(`MKL_CBWR=AUTO,STRICT`) before torch loads.
+randomness after initialisation, and a mini-batch is drawn from a generator seeded by its step
+(`lab.training.batching.minibatch_index`). Across processes this relies on MKL's strict
+reproducibility mode, which `import lab` switches on (`MKL_CBWR=AUTO,STRICT`) before torch loads.
+A finished run continues the same way when its config asks for more steps (`lab train --resume RUN
+--set train.steps=N`).
 
-With `stop_after_grok = N`, the run ends at the first evaluation at least N steps after the first
-one with test accuracy >= 0.99 (a row and a checkpoint are written there).
+With `stop_after_grok = N`, a run ends at the first evaluation at least N steps after the first
+one with test accuracy >= 0.99 (a row and a checkpoint are written there); None runs every step.
 
-Speed (see `lab bench`): the loss reads one position, so training and evaluation use
-`Transformer.forward_at`, which computes the last block, the MLP and the unembedding only there;
-with full-batch training the forward pass of the update at step s is also the train evaluation of
-the row at step s (the model after s updates), so a row costs only the test forward pass; AdamW
-runs fused where PyTorch has a fused kernel for the device.
+Speed (see `lab bench`): the loss reads one position, so training and evaluation use the model's
+`forward_at`, which computes the last block, the MLP and the unembedding only there; with
+full-batch training the forward pass of the update at step s is also the train evaluation of the
+row at step s (the model after s updates), so a row costs only the test forward pass; AdamW runs
+fused where PyTorch has a fused kernel for the device.
 """
 
 from __future__ import annotations
@@ -26,23 +37,25 @@ import json
 import math
 import signal
 import time
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from lab.runs import storage
-from lab.training.batching import batches
-from lab.config import ExperimentConfig
-from lab.errors import RunError
-from lab.models.limits import check_fits
-from lab.training.losses import task_loss
+from lab.config import ExperimentConfig, apply_overrides, is_config_of, parse_override, validate_experiment
+from lab.errors import ConfigError, RunError
 from lab.models.architectures import build_model, count_params
-from lab.models.transformer import Transformer
+from lab.models.limits import check_fits
+from lab.runs import storage
 from lab.runs.outcomes import grok_step, memorize_step
-from lab.training.recipes import GradFilter, orthogonalize_gradients
 from lab.runs.storage import ResumeState
 from lab.tasks import Split, Task, make_task
+from lab.training.batching import batches, minibatch_index, rows_per_step
+from lab.training.losses import task_loss
+from lab.training.recipes import GradFilter, orthogonalize_gradients
 
 
 def resolve_device(name: str) -> torch.device:
@@ -61,16 +74,23 @@ def checkpoint_schedule(steps: int, every: int, n_log: int) -> set[int]:
     return {s for s in schedule if 0 <= s <= steps}
 
 
+def loss_dtype(config: ExperimentConfig) -> torch.dtype:
+    return torch.float64 if config.train.loss_dtype == "float64" else torch.float32
+
+
+def score(logits: torch.Tensor, labels: torch.Tensor, config: ExperimentConfig) -> tuple[float, int]:
+    """(summed loss, number right) of logits (batch, vocab) against labels: one chunk of an evaluation."""
+    loss = task_loss(logits, labels, config.train.loss, loss_dtype(config)).item() * len(labels)
+    return loss, int((logits.argmax(-1) == labels).sum().item())
+
+
 @torch.no_grad()
-def evaluate(model: Transformer, split: Split, task: Task, config: ExperimentConfig) -> tuple[float, float]:
+def evaluate(model, split: Split, task: Task, config: ExperimentConfig) -> tuple[float, float]:
     """(mean loss, accuracy) of the model on a split, in chunks to bound memory (see `lab.training.batching`)."""
     total_loss, correct = 0.0, 0
-    dtype = torch.float64 if config.train.loss_dtype == "float64" else torch.float32
     for start, tokens in batches(split.tokens, config.model.n_heads):
-        labels = split.labels[start : start + len(tokens)]
-        logits = model.forward_at(tokens, task.read_position)  # (batch, vocab)
-        total_loss += task_loss(logits, labels, config.train.loss, dtype).item() * len(labels)
-        correct += (logits.argmax(-1) == labels).sum().item()
+        loss, right = score(model.forward_at(tokens, task.read_position), split.labels[start : start + len(tokens)], config)
+        total_loss, correct = total_loss + loss, correct + right
     return total_loss / len(split), correct / len(split)
 
 
@@ -84,8 +104,28 @@ def make_adamw(params, tc) -> torch.optim.AdamW:
         return torch.optim.AdamW(params, foreach=True, **kwargs)
 
 
-def weight_norm(model: torch.nn.Module) -> float:
-    return math.sqrt(sum(p.detach().double().pow(2).sum().item() for p in model.parameters()))
+def weight_norm(params) -> float:
+    """sqrt of the sum of squares of every weight (a model, or its parameters in `named_parameters` order)."""
+    params = params.parameters() if isinstance(params, torch.nn.Module) else params
+    return math.sqrt(sum(p.detach().double().pow(2).sum().item() for p in params))
+
+
+def warmup_lr(tc, step: int) -> float:
+    """Linear warm-up as in Nanda et al.: lr * min(step / warmup_steps, 1)."""
+    return tc.lr * (min(step / tc.warmup_steps, 1.0) if tc.warmup_steps else 1.0)
+
+
+def stop_after_grok_reached(tc, rows: list[dict], step: int) -> bool:
+    """With `stop_after_grok = N`: is `step` an evaluated step at least N steps after the first grokked row?"""
+    if tc.stop_after_grok is None or not rows or rows[-1]["step"] != step:
+        return False
+    grok = grok_step(rows)
+    return grok is not None and step >= grok + tc.stop_after_grok
+
+
+def divergence_hint(tc, diverged_at: int) -> str:
+    return (f"the loss became NaN or infinite by step {diverged_at}: lower train.lr (now {tc.lr:g}), "
+            f"or raise train.warmup_steps (now {tc.warmup_steps})")
 
 
 class _StopRequest:
@@ -114,50 +154,303 @@ def catch_stop_signals():
             signal.signal(s, handler)
 
 
-def warmup_lr(tc, step: int) -> float:
-    """Linear warm-up as in Nanda et al.: lr * min(step / warmup_steps, 1)."""
-    return tc.lr * (min(step / tc.warmup_steps, 1.0) if tc.warmup_steps else 1.0)
+def progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, mininterval=0.5)
 
 
-def stop_after_grok_reached(tc, rows: list[dict], step: int) -> bool:
-    """With `stop_after_grok = N`: is `step` an evaluated step at least N steps after the first grokked row?"""
-    if tc.stop_after_grok is None or not rows or rows[-1]["step"] != step:
-        return False
-    grok = grok_step(rows)
-    return grok is not None and step >= grok + tc.stop_after_grok
+# --- a run folder ------------------------------------------------------------------------------------
 
 
-def divergence_hint(tc, diverged_at: int) -> str:
-    return (f"the loss became NaN or infinite by step {diverged_at}: lower train.lr (now {tc.lr:g}), "
-            f"or raise train.warmup_steps (now {tc.warmup_steps})")
+_DONE = ("finished", "diverged")  # a run in one of these states has nothing left to train at its step count
 
 
-def run_summary(run_dir: Path, config: ExperimentConfig, status: str, step: int, rows: list[dict], device, n_params: int,
-                diverged_at: int | None, started_at: float) -> dict:
-    """summary.json's contents, for a run trained alone (`Trainer`) or as an ensemble member (lab/sweeps/ensemble.py)."""
-    final = rows[-1] if rows else {}
-    return {
-        "name": Path(run_dir).name,
-        "experiment": config.name,
-        "task": config.task.name,
-        "status": status,
-        "step": step,
-        "steps": config.train.steps,
-        "memorize_step": memorize_step(rows),
-        "grok_step": grok_step(rows),
-        "wall_time_s": final.get("elapsed_s", 0.0),
-        "final": {k: final[k] for k in ("train_loss", "train_acc", "test_loss", "test_acc", "weight_norm") if k in final},
-        "device": str(device),
-        "arch": config.model.arch,
-        "n_params": n_params,
-        **({"diverged_at": diverged_at, "hint": divergence_hint(config.train, diverged_at)} if diverged_at is not None else {}),
-        "started_at": started_at,
-        "updated_at": time.time(),
-    }
+@dataclass
+class RunFolder:
+    """One run's folder and its bookkeeping in the loop: rows, step, times, schedule, where it starts from."""
+
+    config: ExperimentConfig
+    run_dir: Path
+    state: ResumeState | None = None  # where its tensors start from (None: the seeded init); the engine takes it
+    rows: list[dict] = field(default_factory=list)
+    step: int = 0
+    elapsed_before: float = 0.0  # wall time of earlier sessions of a resumed run
+    started_at: float = 0.0
+    diverged_at: int | None = None  # the step whose evaluation found a non-finite loss
+    schedule: set[int] = field(default_factory=set)
+
+    def __post_init__(self):
+        tc = self.config.train
+        self.schedule = checkpoint_schedule(tc.steps, tc.checkpoint_every, tc.log_checkpoints)
+
+    @classmethod
+    def open(cls, config: ExperimentConfig, run_dir: Path, resume: bool, shapes: dict[str, tuple[int, ...]]) -> RunFolder:
+        """A fresh folder (config.json written, no rows), or one continued from its resume state: weights,
+        optimiser and filter state checked against the model's parameter `shapes`, and exactly the rows up
+        to that checkpoint kept (later ones will be recomputed identically). A run killed before its first
+        checkpoint has no resume state and restarts from step 0. The caller holds the folder's writer lock."""
+        folder = cls(config, Path(run_dir))
+        if not resume:
+            storage.atomic_write_json(folder.run_dir / "config.json", json.loads(config.model_dump_json()))
+            storage.write_jsonl(folder.run_dir / "metrics.jsonl", [])
+            folder.started_at = time.time()
+            return folder
+        rows = storage.read_metrics(folder.run_dir / "metrics.jsonl")  # checked before anything is changed
+        if not is_config_of(storage.read_json(folder.run_dir / "config.json"), config):  # extended: `Trainer.resume(overrides=...)`
+            storage.atomic_write_json(folder.run_dir / "config.json", json.loads(config.model_dump_json()))
+        checkpoints = folder.run_dir / "checkpoints"
+        if checkpoints.exists() and not checkpoints.is_dir():
+            raise RunError(f"{checkpoints}: is a file, expected the folder of checkpoints")
+        if (folder.run_dir / storage.RESUME_FILE).is_file():
+            folder.state = storage.load_resume_state(folder.run_dir)
+            check_state_fits(folder.state, shapes, folder.run_dir / storage.RESUME_FILE)
+            folder.step, folder.elapsed_before = folder.state.step, folder.state.elapsed_s
+        folder.rows = [row for row in rows if row["step"] <= folder.step]
+        storage.write_jsonl(folder.run_dir / "metrics.jsonl", folder.rows)
+        if folder.rows and folder.rows[-1]["step"] == folder.step:
+            folder.elapsed_before = folder.rows[-1]["elapsed_s"]
+        try:  # a lost or damaged summary.json is rebuilt; only its start time is kept from it
+            folder.started_at = float(read_summary(folder.run_dir).get("started_at") or time.time())
+        except (TypeError, ValueError):
+            folder.started_at = time.time()
+        return folder
+
+    def lr_at(self, step: int) -> float:
+        return warmup_lr(self.config.train, step)
+
+    def due_eval(self) -> bool:
+        tc = self.config.train
+        due = self.step % tc.eval_every == 0 or self.step == tc.steps
+        return due and not (self.rows and self.rows[-1]["step"] == self.step)
+
+    def next_event(self) -> int:
+        """The next step (after this one) at which something is written: a row, a checkpoint, the end."""
+        tc = self.config.train
+        later = [s for s in self.schedule if s > self.step]
+        return min([(self.step // tc.eval_every + 1) * tc.eval_every, tc.steps, *later])
+
+    def done(self) -> bool:
+        return self.step >= self.config.train.steps or stop_after_grok_reached(self.config.train, self.rows, self.step)
+
+    def append_row(self, metrics: dict, elapsed: float) -> dict:
+        """The row of the current step (metrics: train/test loss and accuracy, weight norm), appended to metrics.jsonl."""
+        row = {"step": self.step, **{k: metrics[k] for k in ("train_loss", "train_acc", "test_loss", "test_acc", "weight_norm")},
+               "lr": self.lr_at(self.step), "elapsed_s": round(self.elapsed_before + elapsed, 3)}
+        self.rows.append(row)
+        storage.append_jsonl(self.run_dir / "metrics.jsonl", row)
+        return row
+
+    def elapsed(self) -> float:
+        return self.rows[-1]["elapsed_s"] if self.rows else self.elapsed_before
+
+    def summary(self, status: str, device, n_params: int) -> dict:
+        """summary.json's contents."""
+        final = self.rows[-1] if self.rows else {}
+        tc = self.config.train
+        return {
+            "name": self.run_dir.name,
+            "experiment": self.config.name,
+            "task": self.config.task.name,
+            "status": status,
+            "step": self.step,
+            "steps": tc.steps,
+            "memorize_step": memorize_step(self.rows),
+            "grok_step": grok_step(self.rows),
+            "wall_time_s": final.get("elapsed_s", 0.0),
+            "final": {k: final[k] for k in ("train_loss", "train_acc", "test_loss", "test_acc", "weight_norm") if k in final},
+            "device": str(device),
+            "arch": self.config.model.arch,
+            "n_params": n_params,
+            **({"diverged_at": self.diverged_at, "hint": divergence_hint(tc, self.diverged_at)} if self.diverged_at is not None else {}),
+            "started_at": self.started_at,
+            "updated_at": time.time(),
+        }
+
+
+def read_summary(run_dir: Path) -> dict:
+    """A run folder's summary.json, or {} when it is missing or damaged (the run is rebuilt from its resume state)."""
+    try:
+        return storage.read_json(Path(run_dir) / "summary.json")
+    except RunError:
+        return {}
+
+
+def check_state_fits(state: ResumeState, shapes: dict[str, tuple[int, ...]], path: Path) -> None:
+    """A resume state whose tensors do not fit the config's model is one RunError naming the first misfit."""
+    tensors = [(f"model/{name}", t) for name, t in state.model.items()]
+    tensors += [(f"optimizer/{name}/{key}", t) for name, fields in state.optimizer.items() for key, t in fields.items() if t.ndim]
+    tensors += [(f"grad_filter/{key}", t) for key, t in state.grad_filter.items() if key.startswith("ema.")]
+    for key, tensor in tensors:
+        name = key.split("/")[1] if not key.startswith("grad_filter/") else key[len("grad_filter/ema."):]
+        if name not in shapes or tuple(tensor.shape) != shapes[name]:
+            want = f"a weight of shape {list(shapes[name])}" if name in shapes else "no such weight"
+            raise RunError(f"{path}: does not fit this run's config.json ({key} has shape {list(tensor.shape)}; the model has {want})")
+    missing = sorted(set(shapes) - set(state.model))
+    if missing:
+        raise RunError(f"{path}: does not fit this run's config.json (no model/{missing[0]})")
+
+
+# --- the run loop --------------------------------------------------------------------------------------
+
+
+class _Writes:
+    """Files the members write at one step, snapshot then, written before the next update: members in
+    parallel on a few threads (each file is fsync'ed; one after another, 64 members' checkpoints cost
+    more than their training), each member's files in order."""
+
+    def __init__(self, pool: ThreadPoolExecutor | None):
+        self.pool = pool
+        self.pending: dict[int, list[Callable[[], None]]] = {}
+
+    def add(self, folder: RunFolder, write: Callable[[], None]) -> None:
+        self.pending.setdefault(id(folder), []).append(write)
+
+    def flush(self) -> None:
+        jobs, self.pending = list(self.pending.values()), {}
+        run = lambda writes: [write() for write in writes]  # noqa: E731
+        for _ in (self.pool.map(run, jobs) if self.pool is not None and len(jobs) > 1 else map(run, jobs)):
+            pass
+
+
+_WRITER_THREADS = 8
+
+
+def train_members(folders: Sequence[RunFolder], engine, progress: bool = True,
+                  stop: Callable[[], bool] | None = None) -> tuple[list[dict], bool]:
+    """The run loop: train every member (folders[i] is the engine's slot i) to its end, writing its rows,
+    checkpoints, resume state and summary. Returns (summaries in the folders' order, whether a stop was
+    requested: Ctrl-C / SIGTERM, or `stop()` returning True, checkpoints every running member as "interrupted")."""
+    folders = list(folders)
+    with ThreadPoolExecutor(max_workers=_WRITER_THREADS) if len(folders) > 1 else suppress() as pool:
+        writes = _Writes(pool)
+        try:
+            result = _loop(folders, engine, progress, stop, writes)
+        except BaseException:
+            with suppress(Exception):  # the first error is the one to report
+                writes.flush()  # what the error left unwritten: checkpoints, summaries saying "failed"
+            raise
+        writes.flush()
+        return result
+
+
+def _loop(folders: list[RunFolder], engine, progress: bool, stop, writes: _Writes) -> tuple[list[dict], bool]:
+    started = time.perf_counter()
+    active = list(folders)  # parallel to the engine's member axis
+    summaries: dict[int, dict] = {}
+
+    def summary(f: RunFolder, status: str) -> dict:
+        result = f.summary(status, engine.device, engine.n_params)
+        writes.add(f, lambda: storage.atomic_write_json(f.run_dir / "summary.json", result))
+        return result
+
+    def checkpoint(slot: int) -> None:  # weights at the member's step and its resume state, snapshot now
+        f = active[slot]
+        state = engine.resume_state(slot, f.elapsed())
+        path, meta = storage.checkpoint_path(f.run_dir, f.step), {"step": str(f.step)}
+        writes.add(f, lambda: storage.save_tensors(path, state.model, meta))
+        writes.add(f, lambda: storage.save_resume_state(f.run_dir, state))
+
+    for f in active:
+        summary(f, "running")
+    writes.flush()
+    first = min(f.step for f in active)
+    bar = progress_bar(first + max(f.config.train.steps - f.step for f in active), first, progress)
+    if len(active) > 1:
+        bar.set_description(f"{len(active)} members")
+    stopped = False
+    next_event = [f.step for f in active]  # every member has something to do at its first step
+    try:
+        with catch_stop_signals() as signals:
+            while active:
+                ended = []  # slots of members that finished or diverged at this step
+                at_event = [slot for slot, f in enumerate(active) if f.step >= next_event[slot]]
+                if at_event:
+                    elapsed = time.perf_counter() - started
+                    due = [slot for slot in at_event if active[slot].due_eval()]
+                    # full batch: the forward pass of this step's update is the train evaluation of the row
+                    reuse = [engine.full_batch(slot) and active[slot].step < active[slot].config.train.steps for slot in due]
+                    for slot, metrics in zip(due, engine.evaluate(due, reuse) if due else []):
+                        f = active[slot]
+                        row = f.append_row(metrics, elapsed)
+                        if len(folders) == 1:
+                            bar.set_postfix(train_acc=f"{row['train_acc']:.3f}", test_acc=f"{row['test_acc']:.3f}", refresh=False)
+                        if not (math.isfinite(row["train_loss"]) and math.isfinite(row["test_loss"])):
+                            # diverged: stop it before checkpointing NaN weights; the row is stored with nulls
+                            f.diverged_at = f.step
+                            summaries[id(f)] = summary(f, "diverged")
+                            ended.append(slot)
+                    for slot in at_event:
+                        if slot in ended:
+                            continue
+                        f = active[slot]
+                        done = f.done()
+                        if f.step in f.schedule or (done and f.step < f.config.train.steps):
+                            checkpoint(slot)
+                            summary(f, "running")
+                        if done:
+                            summaries[id(f)] = summary(f, "finished")
+                            ended.append(slot)
+                        else:
+                            next_event[slot] = f.next_event()
+                if signals.signal is not None or (stop is not None and stop()):
+                    stopped = True
+                    for slot, f in enumerate(active):
+                        if slot not in ended:
+                            checkpoint(slot)
+                            summaries[id(f)] = summary(f, "interrupted")
+                    break
+                writes.flush()
+                if ended:
+                    keep = [slot for slot in range(len(active)) if slot not in ended]
+                    active = [active[slot] for slot in keep]
+                    next_event = [next_event[slot] for slot in keep]
+                    if not active:
+                        break
+                    engine.keep(keep)  # re-stacked without them: they cost nothing from now on
+                    bar.set_description(f"{len(active)} members")
+                engine.update()
+                for f in active:
+                    f.step += 1
+                bar.update(1)
+    except BaseException as err:
+        # a second Ctrl-C: every member's last checkpoint stands, and it resumes from there
+        status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        for f in active:
+            if id(f) not in summaries:
+                summaries[id(f)] = summary(f, status)
+        raise
+    finally:
+        if not stopped and bar.n < bar.total:  # ended early: end the bar full, and say why
+            bar.total = bar.n
+            bar.set_postfix_str(_why_stopped_early(folders, summaries), refresh=False)
+        bar.close()
+    return [summaries[id(f)] for f in folders], stopped
+
+
+def _why_stopped_early(folders: list[RunFolder], summaries: dict[int, dict]) -> str:
+    """The progress bar's last words when training ended before its step budget."""
+    status = [summaries.get(id(f), {}).get("status", "failed") for f in folders]
+    if len(folders) == 1:
+        f = folders[0]
+        last = f.rows[-1] if f.rows else {}
+        said = f"train_acc={last.get('train_acc', 0):.3f}, test_acc={last.get('test_acc', 0):.3f}, stopped: "
+        if status[0] == "finished":
+            return said + f"grokked at {grok_step(f.rows)} + stop_after_grok {f.config.train.stop_after_grok}"
+        return said + (f"diverged at step {f.diverged_at}" if status[0] == "diverged" else status[0])
+    early = [s for f, s in zip(folders, status) if s != "finished" or f.step < f.config.train.steps]
+    counts = {s: early.count(s) for s in dict.fromkeys(early)}
+    named = {"finished": "grokked (stop_after_grok)"}
+    return "stopped early: " + ", ".join(f"{n} {named.get(s, s)}" for s, n in counts.items())
+
+
+# --- one model -------------------------------------------------------------------------------------------
 
 
 class Trainer:
-    """Trains one experiment into one run folder. `Trainer(config, run_dir).run()`; resume with `Trainer.resume(run_dir)`."""
+    """Trains one experiment into one run folder: `Trainer(config, run_dir).run()`; resume with `Trainer.resume(run_dir)`.
+
+    Also the run loop's engine for its one member (slot 0): one model, torch's AdamW, the gradient recipes."""
 
     def __init__(self, config: ExperimentConfig, run_dir: Path, progress: bool = True):
         self.config = config.resolve()
@@ -176,12 +469,10 @@ class Trainer:
         self.model = build_model(self.config.model).to(self.device)  # lab/models/architectures.py: [model] arch
         self.optimizer = make_adamw(self.model.parameters(), tc)
         self.grad_filter = GradFilter(tc.grad_filter, list(self.model.named_parameters())) if tc.grad_filter.kind != "none" else None
-        self.loss_dtype = torch.float64 if tc.loss_dtype == "float64" else torch.float32
-        self.schedule = checkpoint_schedule(tc.steps, tc.checkpoint_every, tc.log_checkpoints)
+        self.loss_dtype = loss_dtype(self.config)
+        self.n_params = count_params(self.model)
         self.step = 0
-        self.elapsed_before = 0.0  # wall time of earlier sessions of a resumed run
-        self.rows: list[dict] = []
-        self.diverged_at: int | None = None  # the step whose evaluation found a non-finite loss
+        self._forward: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's train forward, if already computed
 
     def _to_device(self, split: Split) -> Split:
         return Split(split.tokens.to(self.device), split.labels.to(self.device))
@@ -192,30 +483,26 @@ class Trainer:
         return warmup_lr(self.config.train, step)
 
     def batch(self, step: int) -> Split:
-        size = self.config.train.batch_size
-        if size is None or size >= len(self.train_split):
+        if self.full_batch(0):
             return self.train_split
-        generator = torch.Generator().manual_seed(self.config.model.seed * 1_000_003 + step)
-        index = torch.randperm(len(self.train_split), generator=generator)[:size].to(self.device)
+        index = minibatch_index(self.config.model.seed, step, len(self.train_split), self.config.train.batch_size).to(self.device)
         return Split(self.train_split.tokens[index], self.train_split.labels[index])
 
-    @property
-    def full_batch(self) -> bool:
-        size = self.config.train.batch_size
-        return size is None or size >= len(self.train_split)
+    def full_batch(self, slot: int = 0) -> bool:
+        return rows_per_step(self.config.train.batch_size, len(self.train_split)) == len(self.train_split)
 
     def train_forward(self, batch: Split) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, logits at the read position) of the model on a batch, with autograd."""
         logits = self.model.forward_at(batch.tokens, self.task.read_position)  # (batch, vocab)
         return task_loss(logits, batch.labels, self.config.train.loss, self.loss_dtype), logits
 
-    def update(self, forward: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        """One optimiser step; `forward` is this step's `train_forward` if it was already computed."""
+    def update(self) -> None:
+        """One optimiser step (reusing this step's train forward if `evaluate` computed it)."""
         tc = self.config.train
-        batch = self.batch(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
-        loss, _ = forward if forward is not None else self.train_forward(batch)
+        loss, _ = self._forward if self._forward is not None else self.train_forward(self.batch(self.step))
+        self._forward = None
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if tc.orthograd:
@@ -225,74 +512,45 @@ class Trainer:
         self.optimizer.step()
         self.step += 1
 
-    # --- evaluation and storage ---
+    # --- the engine's other duties ---
 
-    def evaluate_row(self, started: float, train: tuple[float, float] | None = None) -> dict:
-        """Evaluate and store the row of the current step; `train` = (loss, acc) if already known."""
+    def evaluate(self, slots: Sequence[int], reuse: Sequence[bool]) -> list[dict]:
+        """The metrics of the row at the current step; train ones from this step's update forward if `reuse`."""
+        (reuse,) = reuse
+        if reuse:
+            self._forward = self.train_forward(self.train_split)
+            loss, logits = self._forward
+            train = (loss.item(), (logits.argmax(-1) == self.train_split.labels).sum().item() / len(self.train_split))
         self.model.eval()
-        train_loss, train_acc = train if train is not None else evaluate(self.model, self.train_split, self.task, self.config)
-        test_loss, test_acc = evaluate(self.model, self.test_split, self.task, self.config)
+        if not reuse:
+            train = evaluate(self.model, self.train_split, self.task, self.config)
+        test = evaluate(self.model, self.test_split, self.task, self.config)
         self.model.train()
-        row = {
-            "step": self.step,
-            "train_loss": train_loss,
-            "train_acc": train_acc,
-            "test_loss": test_loss,
-            "test_acc": test_acc,
-            "weight_norm": weight_norm(self.model),
-            "lr": self.lr_at(self.step),
-            "elapsed_s": round(self.elapsed_before + time.perf_counter() - started, 3),
-        }
-        self.rows.append(row)
-        storage.append_jsonl(self.run_dir / "metrics.jsonl", row)
-        return row
+        return [{"train_loss": train[0], "train_acc": train[1], "test_loss": test[0], "test_acc": test[1],
+                 "weight_norm": weight_norm(self.model)}]
 
-    def save_checkpoint(self) -> None:
+    def resume_state(self, slot: int, elapsed_s: float) -> ResumeState:
+        # the live tensors, not copies: the loop writes them before the next update changes them
         weights = self.model.state_dict()
-        storage.save_tensors(storage.checkpoint_path(self.run_dir, self.step), weights, {"step": str(self.step)})
         names = {id(p): n for n, p in self.model.named_parameters()}
         optimizer = {names[id(param)]: {key: torch.as_tensor(value) for key, value in state.items()}
                      for param, state in self.optimizer.state.items()}
         filter_state = self.grad_filter.state_tensors() if self.grad_filter is not None else {}
-        elapsed = self.rows[-1]["elapsed_s"] if self.rows else self.elapsed_before
-        storage.save_resume_state(self.run_dir, ResumeState(self.step, elapsed, weights, optimizer, filter_state))
+        return ResumeState(self.step, elapsed_s, weights, optimizer, filter_state)
 
-    def load_resume_state(self) -> None:
-        """Restore weights, optimiser and filter state from resume.safetensors; a run killed before its first
-        checkpoint has none, and restarts from step 0. A file that does not fit the config is one RunError."""
-        path = self.run_dir / storage.RESUME_FILE
-        rows = storage.read_metrics(self.run_dir / "metrics.jsonl")  # checked before anything is changed
-        checkpoints = self.run_dir / "checkpoints"
-        if checkpoints.exists() and not checkpoints.is_dir():
-            raise RunError(f"{checkpoints}: is a file, expected the folder of checkpoints")
-        if path.is_file():
-            state = storage.load_resume_state(self.run_dir)
-            try:
-                self.model.load_state_dict(state.model)
-                params = dict(self.model.named_parameters())
-                for name, fields in state.optimizer.items():
-                    for key, value in fields.items():
-                        if value.ndim and value.shape != params[name].shape:
-                            raise RuntimeError(f"optimizer state {name}/{key} has shape {list(value.shape)}, "
-                                               f"the weight {list(params[name].shape)}")
-                        self.optimizer.state[params[name]][key] = value.to(self.device) if value.ndim else value
-                if self.grad_filter is not None:
-                    self.grad_filter.load_state_tensors({k: v.to(self.device) for k, v in state.grad_filter.items()})
-            except (RuntimeError, KeyError, ValueError) as err:
-                raise RunError(f"{path}: does not fit this run's config.json ({str(err).splitlines()[0]})") from None
-            self.step = state.step
-            self.elapsed_before = state.elapsed_s
-        # Keep exactly the rows up to the checkpoint; later ones will be recomputed identically.
-        self.rows = [row for row in rows if row["step"] <= self.step]
-        storage.write_jsonl(self.run_dir / "metrics.jsonl", self.rows)
-        if self.rows and self.rows[-1]["step"] == self.step:
-            self.elapsed_before = self.rows[-1]["elapsed_s"]
+    def load_state(self, state: ResumeState) -> None:
+        """Weights, AdamW and filter state from a resume state (already checked to fit, `check_state_fits`)."""
+        self.model.load_state_dict(state.model)
+        params = dict(self.model.named_parameters())
+        for name, fields in state.optimizer.items():
+            for key, value in fields.items():
+                self.optimizer.state[params[name]][key] = value.to(self.device) if value.ndim else value
+        if self.grad_filter is not None:
+            self.grad_filter.load_state_tensors({k: v.to(self.device) for k, v in state.grad_filter.items()})
+        self.step = state.step
 
-    def write_summary(self, status: str, started_at: float) -> dict:
-        summary = run_summary(self.run_dir, self.config, status, self.step, self.rows, self.device,
-                              count_params(self.model), self.diverged_at, started_at)
-        storage.atomic_write_json(self.run_dir / "summary.json", summary)
-        return summary
+    def keep(self, slots: Sequence[int]) -> None:
+        self._forward = None
 
     # --- the loop ---
 
@@ -300,75 +558,20 @@ class Trainer:
         """Train to `train.steps` (continuing from resume.safetensors if `resume`) and return the summary.
         Holds the run folder's writer lock throughout: a second writer is refused (`storage.acquire_writer`)."""
         with storage.run_lock(self.run_dir):
-            return self._run(resume)
-
-    def _run(self, resume: bool) -> dict:
-        tc = self.config.train
-        if resume:
-            for tmp in [*self.run_dir.glob(".*.tmp"), *self.run_dir.glob("checkpoints/.*.tmp")]:
-                tmp.unlink(missing_ok=True)  # half-written files of a writer that was killed (we hold the lock)
-            self.load_resume_state()
-            try:  # a lost or damaged summary.json is rebuilt below; only its start time is kept from it
-                started_at = float(storage.read_json(self.run_dir / "summary.json").get("started_at") or time.time())
-            except (RunError, TypeError, ValueError):
-                started_at = time.time()
-        else:
-            storage.atomic_write_json(self.run_dir / "config.json", json.loads(self.config.model_dump_json()))
-            started_at = time.time()
-        started = time.perf_counter()
-        status = "running"
-        self.write_summary(status, started_at)
-        bar = progress_bar(tc.steps, self.step, self.progress)
-        try:
-            with catch_stop_signals() as stop:
-                while True:
-                    forward = None
-                    due_eval = self.step % tc.eval_every == 0 or self.step == tc.steps
-                    if due_eval and not (self.rows and self.rows[-1]["step"] == self.step):
-                        train = None
-                        if self.full_batch and self.step < tc.steps:
-                            # the update's forward pass is the train evaluation of this row
-                            forward = self.train_forward(self.train_split)
-                            correct = (forward[1].argmax(-1) == self.train_split.labels).sum().item()
-                            train = (forward[0].item(), correct / len(self.train_split))
-                        row = self.evaluate_row(started, train)
-                        if not (math.isfinite(row["train_loss"]) and math.isfinite(row["test_loss"])):
-                            # diverged: stop before checkpointing NaN weights; the row is stored with nulls
-                            self.diverged_at, status = self.step, "diverged"
-                            break
-                        bar.set_postfix(train_acc=f"{row['train_acc']:.3f}", test_acc=f"{row['test_acc']:.3f}", refresh=False)
-                    done = self.step >= tc.steps or stop_after_grok_reached(tc, self.rows, self.step)
-                    if self.step in self.schedule or (done and self.step < tc.steps):
-                        self.save_checkpoint()
-                        self.write_summary(status, started_at)
-                    if done:
-                        status = "finished"
-                        if self.step < tc.steps:  # stopped early: end the bar full, and say why
-                            last = self.rows[-1]
-                            bar.total = self.step
-                            bar.set_postfix_str(f"train_acc={last['train_acc']:.3f}, test_acc={last['test_acc']:.3f}, stopped: "
-                                                f"grokked at {grok_step(self.rows)} + stop_after_grok {tc.stop_after_grok}",
-                                                refresh=False)
-                        break
-                    if stop.signal is not None:
-                        self.save_checkpoint()
-                        status = "interrupted"
-                        break
-                    self.update(forward)
-                    bar.update(1)
-        except BaseException as err:
-            # a second Ctrl-C: the last checkpoint stands, and the run resumes from it
-            stopped = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-            self.write_summary(stopped if status == "running" else status, started_at)
-            raise
-        finally:
-            bar.close()
-        return self.write_summary(status, started_at)
+            shapes = {name: tuple(p.shape) for name, p in self.model.named_parameters()}
+            folder = RunFolder.open(self.config, self.run_dir, resume, shapes)
+            if folder.state is not None:
+                self.load_state(folder.state)
+                folder.state = None
+            (summary,), _ = train_members([folder], self, self.progress)
+            return summary
 
     @classmethod
-    def resume(cls, run_dir: Path, progress: bool = True) -> "Trainer":
+    def resume(cls, run_dir: Path, progress: bool = True, overrides: Sequence[str] = ()) -> "Trainer":
         """The trainer of an existing run folder, from its config.json. A run killed before its first checkpoint
-        (no resume.safetensors yet) restarts from step 0."""
+        (no resume.safetensors yet) restarts from step 0. `overrides` (`--set` assignments of RESUMABLE keys)
+        extend a run, finished or not: `train.steps=N` trains on to step N, `train.stop_after_grok=false` past
+        its early stop; the steps already trained are unchanged, so the run equals one trained to N at once."""
         from lab.runs.run import read_run_config
 
         run_dir = Path(run_dir)
@@ -378,10 +581,27 @@ class Trainer:
                                f"start it afresh with: lab train EXPERIMENT --name {run_dir.name}")
             what = "no config.json" if run_dir.is_dir() else "no such folder"
             raise RunError(f"{run_dir}: nothing to resume ({what}); is this a run folder?")
-        return cls(read_run_config(run_dir), run_dir, progress=progress)
+        config = read_run_config(run_dir)
+        if overrides:
+            config = extended_config(config, overrides, run_dir)
+        return cls(config, run_dir, progress=progress)
 
 
-def progress_bar(total: int, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
+RESUMABLE = ("train.steps", "train.stop_after_grok")  # what `--resume RUN --set` may change: nothing before the run's step
 
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, mininterval=0.5)
+
+def extended_config(config: ExperimentConfig, overrides: Sequence[str], run_dir: Path) -> ExperimentConfig:
+    """A run's config with `overrides` of RESUMABLE keys applied; another key, or fewer steps than the run
+    has trained, is one ConfigError."""
+    for assignment in overrides:
+        key = ".".join(parse_override(assignment)[0])
+        if key not in RESUMABLE:
+            raise ConfigError(f"--set {assignment!r}: a resumed run keeps its config; only {', '.join(RESUMABLE)} may change "
+                              f"(to extend it); train another setting as a new run")
+    data = apply_overrides(json.loads(config.model_dump_json()), list(overrides))
+    extended = validate_experiment(data, source=str(run_dir / "config.json"), overrides=list(overrides)).resolve()
+    trained = storage.resume_step(run_dir) or 0
+    if extended.train.steps < trained:
+        raise ConfigError(f"--set train.steps={extended.train.steps}: the run has already trained {trained} steps; "
+                          f"give train.steps >= {trained}")
+    return extended
