@@ -14,6 +14,7 @@ import errno
 import json
 import math
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,7 @@ def load_tensors(path: Path) -> tuple[dict, dict[str, str]]:
     """Load safetensors -> (tensors, metadata); a damaged file raises RunError naming it."""
     from safetensors import safe_open
 
+    check_regular_file(path)  # a FIFO or device would hang or never end
     try:
         with safe_open(str(path), framework="pt") as f:
             return {key: f.get_tensor(key) for key in f.keys()}, dict(f.metadata() or {})
@@ -109,7 +111,7 @@ def read_jsonl(path: Path) -> list[dict]:
     try:
         text = read_text(path, limit=max_metrics_bytes())
     except RunError:
-        if not Path(path).exists():
+        if not os.path.lexists(path):  # missing: no rows yet (a symlink loop or a FIFO is an error, not "missing")
             return []
         raise
     rows = []
@@ -162,20 +164,71 @@ def _json_kind(value: Any) -> str:
     return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
 
 
-def read_text(path: Path, limit: int = MAX_JSON_BYTES) -> str:
-    """A UTF-8 text file, refused in one RunError/StorageError line if missing, too large, or not UTF-8."""
+def check_regular_file(path: Path) -> os.stat_result:
+    """The file's stat if it is a regular file (symlinks followed); else one RunError line, without opening it:
+    a FIFO would block a reader forever, /dev/zero never ends, a folder or a symlink loop is no file."""
     path = Path(path)
     try:
-        size = path.stat().st_size
-        if path.is_dir():
-            raise RunError(f"{path}: is a folder, expected a file")
-        if size > limit:
-            raise RunError(f"{path}: {size / 2**20:.1f} MiB is larger than the {limit / 2**20:.0f} MiB this file may have; it is not a lab file")
-        data = path.read_bytes()
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise RunError(f"{path}: no such file") from None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise RunError(f"{path}: a symlink loop, expected a file") from None
+        raise storage_error(path, err, "read") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise RunError(f"{path}: {_file_kind(info.st_mode)}, expected a regular file")
+    return info
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "is a folder"
+    if stat.S_ISFIFO(mode):
+        return "is a FIFO (named pipe)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "is a device"
+    if stat.S_ISSOCK(mode):
+        return "is a socket"
+    return "is not a regular file"
+
+
+def read_bytes(path: Path, limit: int = MAX_JSON_BYTES) -> bytes:
+    """A regular file's bytes, refused in one RunError/StorageError line if missing, not a regular file
+    (FIFO, device, folder, symlink loop) or larger than `limit`; never reads more than `limit` + 1 bytes."""
+    path = Path(path)
+    info = check_regular_file(path)
+    if info.st_size > limit:
+        raise RunError(f"{path}: {info.st_size / 2**20:.1f} MiB is larger than the {limit / 2**20:.0f} MiB this file may have; it is not a lab file")
+    try:  # O_NONBLOCK: if a FIFO replaced the file since the stat, opening it must not wait for a writer
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise RunError(f"{path}: no such file") from None
     except OSError as err:
         raise storage_error(path, err, "read") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise RunError(f"{path}: {_file_kind(os.fstat(fd).st_mode)}, expected a regular file")
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as err:
+        raise storage_error(path, err, "read") from None
+    finally:
+        os.close(fd)
+    if size > limit:  # it grew since the stat
+        raise RunError(f"{path}: larger than the {limit / 2**20:.0f} MiB this file may have; it is not a lab file")
+    return b"".join(chunks)
+
+
+def read_text(path: Path, limit: int = MAX_JSON_BYTES) -> str:
+    """A UTF-8 text file, refused in one RunError/StorageError line if missing, not a regular file, too large,
+    or not UTF-8 (see `read_bytes`)."""
+    data = read_bytes(path, limit)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:

@@ -147,8 +147,10 @@ def test_outcome_by_and_table(done_when):
     assert by_frac["median"].iloc[1] == pytest.approx(expected)
     by_both = sweep.outcome_by("train.weight_decay", "grok_step", by="task.train_frac")
     assert len(by_both) == 6 and (by_both["n"] == 2).all()
-    # a member that never grokked counts at its budget, and is counted as missing
-    assert ((by_both["n_missing"] == 2) <= (by_both["median"] == 40)).all()
+    # a member that never grokked is censored at its 40 steps: where neither did, the median is no number but "> 40"
+    never = by_both["n_censored"] == 2
+    assert (by_both["median"][never].isna() & (by_both["median_above"][never] == 40)).all()
+    assert (by_both["median"][by_both["n_censored"] == 0].notna()).all()
     grid = sweep.table("train.weight_decay", "task.train_frac", "phase")
     assert grid.shape == (2, 3) and set(grid.to_numpy().ravel()) <= set(PHASES)
     with pytest.raises(ValueError, match="no axis 'train.lr'"):
@@ -318,10 +320,12 @@ def local_ray():
     """One real local Ray instance for the whole test session (no mocks), bound to 127.0.0.1."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install -e '.[ray]' to run the Ray sweep tests")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             _node_ip_address="127.0.0.1", object_store_memory=100 * 1024 * 1024)
+    from lab.sweeps.ray_backend import start_local_ray, stop_watchdog
+
+    start_local_ray(ray, num_cpus=2, object_store_memory=100 * 1024 * 1024)
     yield ray
     ray.shutdown()
+    stop_watchdog()
 
 
 def test_ray_backend_trains_and_continues_a_sweep_like_local(local_ray, tmp_path, capsys):

@@ -26,3 +26,11 @@ def memorize_step(rows: Iterable[dict]) -> int | None:
 def grok_step(rows: Iterable[dict]) -> int | None:
     """First evaluated step with test accuracy >= GROK_ACC, or None."""
     return first_step_reaching(rows, "test_acc", GROK_ACC)
+
+
+def reached_text(event: str, step: int | None, ran: int | None) -> str:
+    """How an outcome reads: "grokked at 350", or "grokked: not within 600 steps" when the run has not
+    reached it in the steps it ran (censored: a lower bound, never a step and never "None")."""
+    if step is not None:
+        return f"{event} at {step}"
+    return f"{event}: not within {ran} steps" if ran is not None else f"{event}: not yet"

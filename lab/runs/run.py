@@ -262,9 +262,13 @@ INTERRUPTED = "interrupted (resumable)"
 
 
 def live_status(run_dir: str | os.PathLike, status: str | None) -> str | None:
-    """A summary saying "running" whose writer no longer holds the run's lock means the writer died: INTERRUPTED."""
+    """The status as it is now, from summary.json's and whether a writer holds the run's lock: "running" whose
+    writer died is INTERRUPTED; "interrupted" (or no summary yet) with a live writer is "running" (a sweep's
+    Ray driver holds a member's lock while its task trains it elsewhere)."""
     if status == "running" and storage.writer_pid(run_dir) is None:
         return INTERRUPTED
+    if status in ("interrupted", None) and storage.writer_pid(run_dir) is not None:
+        return "running"
     return status
 
 
@@ -292,9 +296,8 @@ def list_runs(runs_dir: str | os.PathLike | None = None) -> list[dict]:
         return []
     folders = []  # (folder, name, sweep): runs, and the members of sweeps (folders holding sweep.json) one level down
     for path in sorted(p for p in runs_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if (path / "sweep.json").is_file():
-            folders += [(member, f"{path.name}/{member.name}", path.name)
-                        for member in sorted(path.iterdir()) if member.is_dir() and not member.name.startswith(".")]
+        if storage.is_sweep_folder(path):  # its members are listed even when its sweep.json is damaged or lost
+            folders += [(member, f"{path.name}/{member.name}", path.name) for member in storage.member_folders(path)]
         else:
             folders.append((path, path.name, None))
     rows = []

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from lab.errors import RunError, RunLockedError, StorageError
 from lab.files import (  # generic file IO, re-exported: run-folder code calls storage.<name>
     MAX_JSON_BYTES, _json_kind, append_jsonl, atomic_write_bytes, atomic_write_json,
-    available_memory_bytes, dumps, finite_json, load_tensors, max_metrics_bytes,
+    available_memory_bytes, check_regular_file, read_bytes, dumps, finite_json, load_tensors, max_metrics_bytes,
     read_json, read_jsonl, read_text, save_tensors, storage_error,
     write_jsonl,
 )
@@ -93,7 +93,11 @@ def new_run_dir(runs_dir: Path, name: str, exact: bool) -> Path:
     candidate, n = name, 1
     while True:
         path = runs_dir / candidate
-        if path.resolve().parent != runs_dir.resolve():
+        try:
+            outside = path.resolve().parent != runs_dir.resolve()
+        except (RuntimeError, OSError):  # Python 3.11 raises RuntimeError for a symlink loop
+            raise RunError(f"{path} is a symlink loop, not a run folder; pick another --name") from None
+        if outside:
             raise RunError(f"run name {name!r} points outside the runs folder {runs_dir}")
         try:
             path.mkdir()
@@ -112,6 +116,35 @@ def new_run_dir(runs_dir: Path, name: str, exact: bool) -> Path:
             candidate = f"{name}-{n}"
         except OSError as err:
             raise storage_error(path, err, "create the run folder") from None
+
+
+SWEEP_FILE = "sweep.json"
+
+
+def is_sweep_folder(path: Path) -> bool:
+    """Does this folder of the runs folder hold a sweep? Yes if it has a sweep.json, even a damaged one (a
+    folder, a symlink loop), or, having lost it, member run folders and no run of its own: a sweep whose
+    sweep.json is broken still shows its members as runs (`list_runs`) and can be rebuilt by its rerun."""
+    path = Path(path)
+    if os.path.lexists(path / SWEEP_FILE):
+        return True
+    if os.path.lexists(path / "config.json") or os.path.lexists(path / "summary.json"):
+        return False
+    return bool(member_folders(path))
+
+
+def member_folders(sweep_dir: Path) -> list[Path]:
+    """The run folders of a sweep folder: sub-folders with a config.json or summary.json, in name order; a symlink
+    that leads out of the sweep folder is no member (it would make the sweep read another run)."""
+    sweep_dir = Path(sweep_dir)
+    try:
+        children = sorted(sweep_dir.iterdir())
+    except OSError:
+        return []
+    real = os.path.realpath(sweep_dir)
+    return [child for child in children
+            if not child.name.startswith(".") and os.path.realpath(child) == os.path.join(real, child.name)
+            and child.is_dir() and (os.path.lexists(child / "config.json") or os.path.lexists(child / "summary.json"))]
 
 
 def make_runs_dir(runs_dir: Path) -> Path:
@@ -255,7 +288,34 @@ def acquire_writer(run_dir: Path, wait_s: float = 0.5) -> WriterLock:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _held[key] = [fd, 1, threading.get_ident()]
+    remove_temp_files(run_dir)
     return WriterLock(run_dir, key)
+
+
+def remove_temp_files(run_dir: Path) -> None:
+    """Delete the half-written temp files (`.summary.json.*.tmp`, `checkpoints/.step_*.tmp`) a killed writer left.
+    Called by whichever writer next takes the folder's lock (trainer, ensemble, Ray driver, sweep): no one
+    else can be writing them then."""
+    run_dir = Path(run_dir)
+    for tmp in [*run_dir.glob(".*.tmp"), *run_dir.glob("checkpoints/.*.tmp")]:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a folder named like a temp file, or no permission: not ours to force
+            pass
+
+
+MAX_WRITER_LOCKS = 256  # run folders one process writes at once (a sweep's members in flight)
+
+
+def max_writer_locks() -> int:
+    """How many writer locks (one open file each) this process may hold at once: MAX_WRITER_LOCKS, or fewer
+    when it may open few files (ulimit -n; a quarter of the limit, and 64 more, stay for torch, threads and writes)."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_WRITER_LOCKS
+    return max(1, min(MAX_WRITER_LOCKS, (soft * 3 // 4 - 64) // 2))
 
 
 @contextmanager
@@ -367,6 +427,7 @@ def resume_step(run_dir: Path) -> int | None:
     from safetensors import safe_open
 
     try:
+        check_regular_file(Path(run_dir) / RESUME_FILE)  # a FIFO would block safe_open
         with safe_open(str(Path(run_dir) / RESUME_FILE), framework="pt") as f:
             return int((f.metadata() or {})["step"])
     except Exception:  # missing, damaged, or foreign: no resume point

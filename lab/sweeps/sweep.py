@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import math
 import os
 import sys
 import time
@@ -44,6 +45,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
 from lab.runs import storage
 from lab.config import (
     ExperimentConfig,
@@ -51,17 +54,18 @@ from lab.config import (
     describe_validation_error,
     is_config_of,
     load_experiment_data,
+    loads_toml,
     parse_override,
 )
 from lab.errors import ConfigError, RunError
 
-SWEEP_FILE = "sweep.json"
-# Liu et al. 2022, Table 1, in the order the dashboard colours them
-PHASES = ("comprehension", "grokking", "memorization", "confusion")
-UNFINISHED = "unfinished"
-PHASE_ACC = 0.9  # "train / validation accuracy > 90% within the budget"
-PHASE_GAP = 1000  # comprehension when step(test > 90%) - step(train > 90%) < 10^3
-STEP_OUTCOMES = ("memorize_step", "grok_step", "t_train", "t_test")  # outcomes that are steps (None: never reached)
+from lab.sweeps import stats
+from lab.sweeps.stats import PHASE_ACC, PHASE_GAP, PHASES, STEP_OUTCOMES, UNFINISHED, phase_of  # noqa: F401  (public here too)
+
+SWEEP_FILE = storage.SWEEP_FILE  # "sweep.json"
+# A sweep's size is checked before any member is built: each member is a config in memory and a folder
+# with a writer lock on disk. 10,000 is ten times the largest grid of the papers we reproduce.
+MAX_SWEEP_MEMBERS = 10_000
 
 
 # --- the spec: axes, seeds, members ------------------------------------------------------------------
@@ -112,10 +116,13 @@ class SweepSpec:
             storage.check_run_name(name)
         except RunError as err:
             raise ConfigError(f"sweep name: {err}") from None
-        return cls(str(experiment), name, axes, table_seeds, overrides, str(base["name"]), str(path), base)
+        spec = cls(str(experiment), name, axes, table_seeds, overrides, str(base["name"]), str(path), base)
+        spec.check_size()
+        return spec
 
     def members(self) -> list[SweepMember]:
         """Every point of the grid (axes in order, seeds innermost), validated and named; one line on the first problem."""
+        self.check_size()
         axes = dict(self.axes)
         if self.seeds is not None:
             axes["model.seed"] = list(range(self.seeds))
@@ -154,6 +161,17 @@ class SweepSpec:
             members.append(SweepMember(member_name, point, config))
         return members
 
+    def size(self) -> int:
+        """How many members the grid has (axes' lengths times seeds), without building any."""
+        return math.prod(len(values) for values in self.axes.values()) * (self.seeds or 1)
+
+    def check_size(self) -> None:
+        """One ConfigError line when the grid has more than MAX_SWEEP_MEMBERS members, before any is built."""
+        if self.size() > MAX_SWEEP_MEMBERS:
+            sizes = " x ".join([*(f"{len(v)} {k}" for k, v in self.axes.items()), *([f"{self.seeds} seeds"] if self.seeds else [])])
+            raise ConfigError(f"the sweep has {self.size():,} members ({sizes}), more than the {MAX_SWEEP_MEMBERS:,} a sweep "
+                              f"may have; use fewer axis values or seeds, or split it into several sweeps (--name)")
+
     def normalised_axes(self, members: list[SweepMember]) -> dict[str, list]:
         """The axes with values as the validated configs hold them (e.g. 1 -> 1.0 for a float field)."""
         return {key: list(dict.fromkeys(_hashable(m.point[key]) for m in members)) for key in self.axes}
@@ -170,7 +188,7 @@ def parse_grid(assignment: str) -> tuple[str, list]:
     if not sep or not key or not raw.strip():
         raise ConfigError(f"--grid {assignment!r} is not of the form section.key=v1,v2,... (e.g. train.weight_decay=0.3,1,3)")
     try:
-        values = tomllib.loads(f"v = [{raw}]")["v"]
+        values = loads_toml(f"v = [{raw}]", f"--grid {key}")["v"]
     except tomllib.TOMLDecodeError:
         values = [parse_override(f"{key}={part}")[1] for part in raw.split(",")]
     return key, values
@@ -228,6 +246,71 @@ def name_part(value: Any) -> str:
 # --- running -----------------------------------------------------------------------------------------
 
 
+class MemberEntry(BaseModel):
+    """One member in sweep.json: its folder name (a run name, so it stays inside the sweep folder) and its point."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    name: str
+    point: dict[str, Any]
+
+    @field_validator("name")
+    @classmethod
+    def _a_folder_inside_the_sweep(cls, name: str) -> str:
+        try:
+            return storage.check_run_name(name)
+        except RunError:
+            raise ValueError("not a member folder name (letters, digits, '.', '_', '-'; no '/')") from None
+
+
+class SweepRecord(BaseModel):
+    """sweep.json, checked at the boundary like every run file (see the module docstring for the fields).
+    Keys a later lab adds are ignored, not damage; wrong types, a member outside the folder, or a point
+    without an axis are damage."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    name: str
+    experiment: str | None = None
+    experiment_file: str | None = None
+    overrides: list[str] = []
+    axes: dict[str, list[Any]] = {}
+    seeds: int | None = Field(None, ge=1)
+    base_config: dict[str, Any] = {}
+    created_at: float | None = None
+    updated_at: float | None = None
+    status: str = "created"
+    members: list[MemberEntry] = []
+
+    @model_validator(mode="after")
+    def _members_fit_the_axes(self) -> "SweepRecord":
+        names = set()
+        for number, member in enumerate(self.members):
+            missing = [key for key in [*self.axes, "seed"] if key not in member.point]
+            if missing:
+                raise ValueError(f"members.{number} ({member.name}) has no value for {missing[0]!r}")
+            if member.name in names:
+                raise ValueError(f"members.{number}: {member.name!r} is listed twice")
+            names.add(member.name)
+        return self
+
+
+def read_sweep_record(path: Path) -> dict:
+    """SWEEP/sweep.json as a checked dict; missing, not a file, damaged JSON or wrong fields raise one RunError line
+    naming it (and how to repair it: the sweep's own command rebuilds it)."""
+    hint = "rerun the sweep's command to rebuild it"
+    try:
+        data = storage.read_json(path)
+    except RunError as err:
+        raise RunError(f"{err}; {hint}") from None
+    try:
+        return SweepRecord.model_validate(data).model_dump()
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(part) for part in first["loc"]) or "the file"
+        value = repr(first.get("input"))
+        value = value if len(value) <= 60 else value[:57] + "..."
+        raise RunError(f"{path}: damaged sweep file ({key} = {value}: {first['msg'].removeprefix('Value error, ')}); {hint}") from None
+
+
 def sweep_record(spec: SweepSpec, members: list[SweepMember], created_at: float | None = None, status: str = "created") -> dict:
     now = time.time()
     return {
@@ -254,13 +337,65 @@ def prepare_sweep(spec: SweepSpec, runs_dir: str | os.PathLike | None = None) ->
     runs_dir = Path(runs_dir or storage.default_runs_dir())
     sweep_dir = runs_dir / spec.name
     record = sweep_record(spec, members)
-    if (sweep_dir / SWEEP_FILE).is_file():
-        old = storage.read_json(sweep_dir / SWEEP_FILE)
-        _check_same_sweep(old, record, sweep_dir)
-        record["created_at"] = old.get("created_at", record["created_at"])
-    elif sweep_dir.exists() and (not sweep_dir.is_dir() or any(not p.name.startswith(".") for p in sweep_dir.iterdir())):
-        raise RunError(f"{sweep_dir} exists and is not a sweep (no {SWEEP_FILE}); pick another --name")
+    if os.path.lexists(sweep_dir) and not sweep_dir.is_dir():  # a file, a broken symlink or a symlink loop
+        raise RunError(f"{sweep_dir} exists and is not a folder; pick another --name")
+    if os.path.lexists(sweep_dir / SWEEP_FILE):
+        try:
+            old = read_sweep_record(sweep_dir / SWEEP_FILE)
+        except RunError as err:  # damaged: rebuilt from this command, if the member folders are this command's
+            _check_members_are_of(sweep_dir, members, f"its {SWEEP_FILE} is damaged ({str(err).split(': ', 1)[-1]})")
+        else:
+            _check_same_sweep(old, record, sweep_dir)
+            record["created_at"] = old.get("created_at") or record["created_at"]
+    elif sweep_dir.exists():  # sweep.json lost: the member folders of this command rebuild it; anything else is not ours
+        _check_members_are_of(sweep_dir, members, f"it has no {SWEEP_FILE}")
     return sweep_dir, members, record
+
+
+def _check_members_are_of(sweep_dir: Path, members: list[SweepMember], problem: str) -> None:
+    """A sweep folder whose sweep.json is damaged or lost may be rebuilt by this command only if every folder in it
+    is one of this command's members, holding that member's config; else one RunError line."""
+    configs = {m.name: m.config for m in members}
+    for entry in sorted(sweep_dir.iterdir()):
+        if entry.name.startswith(".") or entry.name == SWEEP_FILE:
+            continue
+        ours = entry.name in configs and entry.is_dir() and not entry.is_symlink()
+        if ours and os.path.lexists(entry / "config.json"):
+            try:
+                ours = is_config_of(storage.read_json(entry / "config.json"), configs[entry.name])
+            except RunError:
+                ours = False
+        if not ours:
+            raise RunError(f"{sweep_dir} is not a sweep of this command ({problem}, and {entry.name!r} is not one of "
+                           f"this command's members); rerun it with the axes and --set values it was made with, or pick another --name")
+
+
+def _set_aside_damaged_record(sweep_dir: Path, log) -> None:
+    """Under the sweep's lock, before it is rewritten: a damaged sweep.json (a folder, a symlink loop, bad JSON)
+    is renamed to a hidden .sweep.json.damaged-<time>, never deleted."""
+    path = sweep_dir / SWEEP_FILE
+    if not os.path.lexists(path):
+        return
+    try:
+        read_sweep_record(path)
+        return
+    except RunError as err:
+        reason = str(err)
+    aside = sweep_dir / f".{SWEEP_FILE}.damaged-{time.time_ns()}"
+    try:
+        os.replace(path, aside)
+    except OSError as err:
+        raise storage.storage_error(path, err, "set aside the damaged") from None
+    log(f"{reason.split('; ')[0]}; rebuilt from the member folders and this command (the old one is kept as {aside.name})")
+
+
+def _record_is_current(sweep_dir: Path, record: dict) -> bool:
+    """Does sweep.json already say what this command would write for a finished sweep (same members, finished)?"""
+    try:
+        old = read_sweep_record(sweep_dir / SWEEP_FILE)
+    except RunError:
+        return False
+    return old["status"] == "finished" and old["members"] == json.loads(json.dumps(record["members"]))
 
 
 def _check_same_sweep(old: dict, new: dict, sweep_dir: Path) -> None:
@@ -305,11 +440,14 @@ def member_finished(run_dir: Path, config: ExperimentConfig) -> bool:
 
 
 def training_groups(members: list[SweepMember]) -> list[list[SweepMember]]:
-    """Members grouped into ensembles of the same model shapes; each member the ensemble cannot stack
-    (`lab.sweeps.ensemble.vectorisable`) is a group of its own, trained by the standalone Trainer."""
+    """Members grouped into ensembles of the same model shapes, each group cut into pieces of at most
+    `storage.max_writer_locks()` (a group holds every member's writer lock while it trains: one open file
+    each); every architecture stacks (`lab.sweeps.ensemble.group_by_shape`)."""
     from lab.sweeps.ensemble import group_by_shape
 
-    return [[members[i] for i in group] for group in group_by_shape([m.config for m in members])]
+    most = storage.max_writer_locks()
+    groups = [[members[i] for i in group] for group in group_by_shape([m.config for m in members])]
+    return [group[start : start + most] for group in groups for start in range(0, len(group), most)]
 
 
 def train_group(group: list[SweepMember], sweep_dir: Path, progress: bool, stop=None) -> list[dict]:
@@ -347,19 +485,29 @@ def run_sweep(spec: SweepSpec, runs_dir: str | os.PathLike | None = None, backen
     groups = training_groups(todo)
     log(f"sweep {sweep_dir}: {len(members)} members, {len(members) - len(todo)} finished, "
         f"{len(todo)} to train in {len(groups)} group{'s' * (len(groups) != 1)}")
-    if not todo and (sweep_dir / SWEEP_FILE).is_file():  # nothing to do: touch nothing
+    if not todo and _record_is_current(sweep_dir, record):  # nothing to do: touch nothing
         return _result(sweep_dir, members, "finished", 0)
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    from contextlib import nullcontext
+
     from lab.errors import RunLockedError
 
-    try:  # one writer per sweep: a second `lab sweep` of the same sweep stops here, before any member
-        lock = storage.acquire_writer(sweep_dir)
-    except RunLockedError:
-        pid = storage.writer_pid(sweep_dir)
-        raise RunLockedError(f"sweep {sweep_dir} is being trained by {f'PID {pid}' if pid else 'another process'}; "
-                             f"wait for it, or stop it (Ctrl-C) and rerun this command to continue") from None
-    with lock:
-        return _train_sweep(sweep_dir, members, todo, groups, record, run_ray, address, progress, log)
+    if run_ray is not None and groups:  # connect first: an unreachable --address is refused before anything is written
+        from lab.sweeps.ray_backend import ray_session
+
+        session = ray_session(address)
+    else:
+        session = nullcontext()
+    with session:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        try:  # one writer per sweep: a second `lab sweep` of the same sweep stops here, before any member
+            lock = storage.acquire_writer(sweep_dir)
+        except RunLockedError:
+            pid = storage.writer_pid(sweep_dir)
+            raise RunLockedError(f"sweep {sweep_dir} is being trained by {f'PID {pid}' if pid else 'another process'}; "
+                                 f"wait for it, or stop it (Ctrl-C) and rerun this command to continue") from None
+        with lock:
+            _set_aside_damaged_record(sweep_dir, log)
+            return _train_sweep(sweep_dir, members, todo, groups, record, run_ray, address, progress, log)
 
 
 def _train_sweep(sweep_dir, members, todo, groups, record, run_ray, address, progress, log) -> dict:
@@ -405,10 +553,22 @@ def _result(sweep_dir: Path, members: list[SweepMember], status: str, trained: i
 
 
 def _member_status(run_dir: Path) -> str:
+    """A member's status as `lab runs` derives it (`lab.runs.run.live_status`): a member whose writer is gone
+    while its summary says "running" is "interrupted (resumable)"; no summary yet is "not started"."""
+    return _member_summary(run_dir)["status"]
+
+
+def _member_summary(run_dir: Path) -> dict:
+    """summary.json with its live status; {"status": "not started"} without one, "damaged" (and "error") if unreadable."""
+    from lab.runs.run import live_status, read_summary
+
+    if not os.path.lexists(run_dir / "summary.json"):
+        return {"status": live_status(run_dir, None) or "not started"}
     try:
-        return storage.read_json(run_dir / "summary.json").get("status", "unknown")
-    except RunError:
-        return "not started"
+        summary = read_summary(run_dir)
+    except RunError as err:
+        return {"status": "damaged", "error": str(err)}
+    return {**summary, "status": live_status(run_dir, summary.get("status")) or "unknown"}
 
 
 # --- reading -----------------------------------------------------------------------------------------
@@ -416,10 +576,10 @@ def _member_status(run_dir: Path) -> str:
 
 def _sweep_path(sweep: str | os.PathLike, runs_dir: str | os.PathLike | None = None) -> Path:
     path = Path(sweep)
-    if (path / SWEEP_FILE).is_file():
+    if path.is_dir() and storage.is_sweep_folder(path):  # even with a damaged or lost sweep.json: `Sweep` names it
         return path
     root = Path(runs_dir or storage.default_runs_dir())
-    if not path.is_absolute() and (root / path / SWEEP_FILE).is_file():
+    if not path.is_absolute() and (root / path).is_dir() and storage.is_sweep_folder(root / path):
         return root / path
     known = ", ".join(row["name"] for row in list_sweeps(runs_dir)) or "none"
     raise RunError(f"no sweep {str(sweep)!r}: not a folder holding {SWEEP_FILE}, nor a sweep name under {root} (sweeps there: {known})")
@@ -439,32 +599,34 @@ def _first_above(steps, values, threshold: float, budget: int | None) -> int | N
     return None
 
 
-def phase_of(t_train: int | None, t_test: int | None, gap: float = PHASE_GAP) -> str:
-    """Liu et al. 2022, Table 1, from the first steps with train / test accuracy above the threshold.
-
-    comprehension: both cross, test less than `gap` steps after train; grokking: both, test `gap` or
-    more steps later; memorization: only train; confusion: neither. A run whose test accuracy
-    crosses but whose train accuracy does not (Table 1 has no such row) counts as confusion."""
-    if t_train is None:
-        return "confusion"
-    if t_test is None:
-        return "memorization"
-    return "comprehension" if t_test - t_train < gap else "grokking"
-
-
 class Sweep:
     """Read-only view of a sweep folder. `.members` is read when first asked for; `reload()` re-reads."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.record = storage.read_json(self.path / SWEEP_FILE)
-        self.name = self.record.get("name", self.path.name)
-        self.axes: dict[str, list] = self.record.get("axes", {})
-        self.seeds: int | None = self.record.get("seeds")
+        self.record = read_sweep_record(self.path / SWEEP_FILE)  # checked: a damaged one is one RunError line
+        self.name = self.record["name"]
+        self.axes: dict[str, list] = self.record["axes"]
+        self.seeds: int | None = self.record["seeds"]
         self._metrics: dict[str, list[dict]] = {}
 
     def __repr__(self) -> str:
-        return f"Sweep({str(self.path)!r}, members={len(self.record.get('members', []))}, axes={list(self.axes)})"
+        return f"Sweep({str(self.path)!r}, members={len(self.record['members'])}, axes={list(self.axes)})"
+
+    @property
+    def status(self) -> str:
+        """The sweep's status as it is now: sweep.json's, except that "running" whose writer (the `lab sweep`
+        process, which holds the sweep folder's lock) has gone is "interrupted (resumable)", as for a run."""
+        from lab.runs.run import live_status
+
+        return live_status(self.path, self.record["status"])
+
+    def member_dir(self, name: str) -> Path:
+        """A member's folder; one that leads out of the sweep folder (a symlink) is refused, never read."""
+        run_dir = self.path / name
+        if os.path.realpath(run_dir) != os.path.join(os.path.realpath(self.path), name):
+            raise RunError(f"{run_dir}: leads out of the sweep folder {self.path} (a symlink); a member is a folder inside it")
+        return run_dir
 
     def reload(self) -> "Sweep":
         self.__init__(self.path)
@@ -473,24 +635,39 @@ class Sweep:
 
     @property
     def member_names(self) -> list[str]:
-        return [m["name"] for m in self.record.get("members", [])]
+        return [m["name"] for m in self.record["members"]]
+
+    def _summary(self, name: str) -> dict:
+        """The member's summary with its live status (`_member_summary`); "damaged" if its folder leads outside."""
+        try:
+            return _member_summary(self.member_dir(name))
+        except RunError as err:
+            return {"status": "damaged", "error": str(err)}
 
     def run(self, member: str | int):
         """A member (by folder name or row number) as a `lab.Run`."""
         from lab.runs.run import load_run
 
         names = self.member_names
+        if isinstance(member, bool) or not isinstance(member, (int, str)):  # True is not member 1
+            raise RunError(f"member={member!r}: give a member's folder name (e.g. {names[0] if names else 'none'!r}) "
+                           f"or its row number 0..{len(names) - 1}")
         if isinstance(member, int):
             if not 0 <= member < len(names):
                 raise RunError(f"sweep {self.name!r} has members 0..{len(names) - 1}, not {member}")
             member = names[member]
         if member not in names:
             raise RunError(f"sweep {self.name!r} has no member {member!r}; members look like {names[0] if names else 'none'!r}")
-        return load_run(self.path / member)
+        return load_run(self.member_dir(member))
 
     def metrics(self, member: str) -> list[dict]:
+        """A member's metrics.jsonl rows; a member whose folder or metrics are damaged has none here
+        (its status says "damaged"; `run(member)` names the problem)."""
         if member not in self._metrics:
-            self._metrics[member] = storage.read_jsonl(self.path / member / "metrics.jsonl")
+            try:
+                self._metrics[member] = storage.read_jsonl(self.member_dir(member) / "metrics.jsonl")
+            except RunError:
+                self._metrics[member] = []
         return self._metrics[member]
 
     @cached_property
@@ -502,23 +679,20 @@ class Sweep:
         import pandas as pd
 
         rows = []
-        for entry in self.record.get("members", []):
+        for entry in self.record["members"]:
             name, point = entry["name"], entry["point"]
             run_dir = self.path / name
-            try:
-                summary = storage.read_json(run_dir / "summary.json")
-            except RunError:
-                summary = {"status": "not started"}
-            final = summary.get("final", {})
+            summary = self._summary(name)
+            final = summary.get("final") or {}
             metrics = self.metrics(name)
             row = {key: _hashable(point.get(key)) for key in self.axes}
             row.update({
-                "seed": point.get("seed"), "member": name, "run": str(run_dir), "status": summary.get("status", "unknown"),
+                "seed": point.get("seed"), "member": name, "run": str(run_dir), "status": summary["status"],
                 "step": summary.get("step"), "steps": summary.get("steps"),
                 "memorize_step": summary.get("memorize_step"), "grok_step": summary.get("grok_step"),
                 "final_train_acc": final.get("train_acc"), "final_test_acc": final.get("test_acc"),
                 "final_train_loss": final.get("train_loss"), "final_test_loss": final.get("test_loss"),
-                "best_test_acc": max((r["test_acc"] for r in metrics), default=None),
+                "best_test_acc": max((r["test_acc"] for r in metrics if r.get("test_acc") is not None), default=None),
                 "wall_time_s": summary.get("wall_time_s"),
             })
             rows.append(row)
@@ -540,13 +714,13 @@ class Sweep:
         import pandas as pd
 
         rows = []
-        for entry in self.record.get("members", []):
+        for entry in self.record["members"]:
             name = entry["name"]
-            metrics = self.metrics(name)
+            metrics = [r for r in self.metrics(name) if None not in (r.get("step"), r.get("train_acc"), r.get("test_acc"))]
             steps = [r["step"] for r in metrics]
             t_train = _first_above(steps, [r["train_acc"] for r in metrics], train_acc, budget)
             t_test = _first_above(steps, [r["test_acc"] for r in metrics], test_acc, budget)
-            status = _member_status(self.path / name)
+            status = self._summary(name)["status"]
             phase = phase_of(t_train, t_test, gap) if status == "finished" else UNFINISHED
             rows.append({"member": name, "t_train": t_train, "t_test": t_test, "phase": phase})
         frame = pd.DataFrame(rows, columns=["member", "t_train", "t_test", "phase"])
@@ -554,54 +728,24 @@ class Sweep:
         return frame
 
     def outcome_by(self, axis: str, outcome: str = "grok_step", by: str | list[str] | None = None,
-                   missing: str = "budget"):
+                   missing: str = "censor"):
         """Median and spread over seeds (and over every axis not named) of an outcome against one axis:
         Power et al.'s Figure 1 is `outcome_by("task.train_frac", "grok_step")`, Figure 2
-        `outcome_by("task.train_frac", "best_test_acc", by="task.operator")`.
+        `outcome_by("task.train_frac", "best_test_acc", by="task.operator")`. The numbers the Sweeps
+        page and `lab.plot_sweep_outcome` draw (`lab.sweeps.stats.outcome_table`).
 
-        Returns one row per value of `axis` (and of each `by` axis): median, mean, q25, q75, min, max,
-        n (members), n_missing (members where the outcome is None: never reached, or not finished).
-        For step outcomes `missing="budget"` counts a member that never reached it at its step budget
-        (so the median is a lower bound when n_missing > 0), `missing="drop"` leaves it out."""
-
-        frame = self.members
-        by = [by] if isinstance(by, str) else list(by or [])
-        for key in (axis, *by):
-            if key not in frame.columns or key in ("member", "run"):
-                valid = ", ".join([*self.axes, "seed"])
-                raise RunError(f"sweep {self.name!r} has no axis {key!r}; its axes: {valid}")
-        numeric = [c for c in frame.columns if c not in ("member", "run", "status", "phase", *self.axes, "seed")]
-        if outcome not in frame.columns or outcome not in numeric:
-            raise RunError(f"no outcome {outcome!r}; choose one of {', '.join(numeric)}")
-        if missing not in ("budget", "drop"):
-            raise RunError(f"missing={missing!r}: use 'budget' or 'drop'")
-        values = frame[outcome].astype("Float64")
-        n_missing = values.isna()
-        if outcome in STEP_OUTCOMES and missing == "budget":
-            values = values.fillna(frame["steps"].astype("Float64"))
-        data = frame[[axis, *by]].copy()
-        data["value"] = values.astype(float)
-        data["missing"] = n_missing.astype(int)
-        grouped = data.groupby([axis, *by], sort=True, dropna=False)
-        table = grouped["value"].agg(median="median", mean="mean", q25=lambda v: v.quantile(0.25),
-                                     q75=lambda v: v.quantile(0.75), min="min", max="max")
-        table["n"] = grouped.size()
-        table["n_missing"] = grouped["missing"].sum()
-        return table.reset_index()
+        One row per value of `axis` (and of each `by` axis): n, n_censored (finished members that never
+        reached a step outcome), n_unfinished (left out), median, q25, q75, min, max, mean. A member
+        that never grokked is censored, not counted at its budget: a statistic that depends on it is
+        NaN, with its lower bound in `<stat>_above` (median_above = 600: more than half never grokked
+        within 600 steps). `missing="drop"` leaves such members out instead."""
+        return stats.outcome_table(self.members, axis, outcome, by=by, missing=missing, sweep=self.name)
 
     def table(self, x: str, y: str, outcome: str = "phase", agg: str = "median"):
-        """A (y values x x values) grid of one outcome for a heatmap: the most common phase over seeds for
-        "phase", else the `agg` ("median", "mean", "min", "max") of a numeric outcome (missing steps left out)."""
-        frame = self.members
-        for key in (x, y):
-            if key not in frame.columns:
-                raise RunError(f"sweep {self.name!r} has no axis {key!r}; its axes: {', '.join([*self.axes, 'seed'])}")
-        if outcome == "phase":
-            def most_common(values):
-                counts = values.value_counts()
-                return counts.index[0] if len(counts) else None
-            return frame.pivot_table(index=y, columns=x, values="phase", aggfunc=most_common)
-        return frame.assign(value=frame[outcome].astype(float)).pivot_table(index=y, columns=x, values="value", aggfunc=agg)
+        """A (y values × x values) grid of one outcome for a heatmap: the majority phase of the finished
+        members for "phase" (ties to the phase listed first in PHASES), else the `agg` statistic
+        ("median", "q25", "q75", "min", "max", "mean") of `outcome_by`, NaN where it is censored."""
+        return stats.grid(self.members, x, y, outcome, agg, sweep=self.name)
 
 
 def list_sweeps(runs_dir: str | os.PathLike | None = None) -> list[dict]:
@@ -611,19 +755,20 @@ def list_sweeps(runs_dir: str | os.PathLike | None = None) -> list[dict]:
     if not root.is_dir():
         return []
     rows = []
-    for path in sorted(p for p in root.iterdir() if (p / SWEEP_FILE).is_file()):
+    for path in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and storage.is_sweep_folder(p)):
         row = {"name": path.name, "path": str(path), "experiment": None, "axes": {}, "seeds": None, "members": 0,
                "status": "damaged", "statuses": {}, "phases": {}, "updated_at": path.stat().st_mtime}
         try:
             sweep = Sweep(path)
             frame = sweep.members
-            row.update({"experiment": sweep.record.get("experiment"), "axes": sweep.axes, "seeds": sweep.seeds,
-                        "members": len(frame), "status": sweep.record.get("status"),
-                        "updated_at": sweep.record.get("updated_at", row["updated_at"])})
+            row.update({"experiment": sweep.record["experiment"], "axes": sweep.axes, "seeds": sweep.seeds,
+                        "members": len(frame), "status": sweep.status,
+                        "updated_at": sweep.record["updated_at"] or row["updated_at"]})
             if len(frame):
                 row["statuses"] = {k: int(v) for k, v in frame["status"].value_counts().items()}
                 row["phases"] = {k: int(v) for k, v in frame["phase"].value_counts().items() if k != UNFINISHED}
-        except (RunError, KeyError, TypeError) as err:
-            row["error"] = str(err)
+        except RunError as err:  # a damaged sweep.json is this one row, named; the other sweeps are unaffected
+            row["error"] = str(err).splitlines()[0]
+            row["members"] = len(storage.member_folders(path))  # still listed as runs by `lab runs`
         rows.append(row)
     return sorted(rows, key=lambda r: r["updated_at"], reverse=True)
