@@ -134,3 +134,17 @@ def test_a_prediction_prints_as_its_answer_not_its_whole_distribution():
     prediction = prediction_from_logits(task, logits)
     assert prediction.probabilities.shape == (59,) and prediction.probabilities.sum().item() == pytest.approx(1.0)
     assert repr(prediction) == "Prediction(label='17', label_id=17, probability=0.9974)"  # e^10 / (e^10 + 58)
+
+
+def test_a_confident_prediction_is_not_rounded_to_certainty():
+    """A logit gap of 25 over 58 other classes: p = 1 - 58 e^-25 = 1 - 8.1e-10, which float32 (and 4 digits) make 1."""
+    import math
+
+    from lab.models.prediction import prediction_from_logits
+
+    logits = torch.zeros(59)
+    logits[17] = 25.0
+    prediction = prediction_from_logits(make_task({"name": "modular", "p": 59}), logits)
+    assert 1 - prediction.probability == pytest.approx(58 * math.exp(-25), rel=1e-6)
+    assert prediction.probability == prediction.probabilities[17].item()  # the value and the distribution agree
+    assert repr(prediction) == "Prediction(label='17', label_id=17, probability=0.99999999919)"

@@ -86,6 +86,10 @@ class AAndBTask(Task):
     def decode(self, tokens) -> str:
         return "".join(self.vocab[int(t)] for t in tokens if int(t) >= 2)
 
+    def patching_pair(self) -> tuple[str, str]:
+        """Activation patching's default: "a cab" (yes) against "a cac" (no: its only `b` replaced)."""
+        return "a cab", "a cac"
+
     def token_labels(self, tokens) -> list[str]:
         return ["␣" if label == " " else label for label in super().token_labels(tokens)]
 

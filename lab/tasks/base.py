@@ -91,6 +91,17 @@ class Task(ABC):
             raise ValueError(f"unknown split {name!r}; valid: 'train', 'test'")
         return self._splits[0] if name == "train" else self._splits[1]
 
+    def patching_pair(self) -> tuple[str, str]:
+        """A default (clean, corrupted) pair of texts for activation patching: same number of tokens, different
+        answers. Tasks override it with a pair that tells a story; this default is the first test input and the
+        next test input of the same length with another answer."""
+        split = self.split("test")
+        first = split.tokens[0]
+        for tokens, label in zip(split.tokens[1:], split.labels[1:]):
+            if int(label) != int(split.labels[0]) and len(self.encode(self.decode(tokens))) == len(self.encode(self.decode(first))):
+                return self.decode(first), self.decode(tokens)
+        raise ValueError(f"task {self.name!r}: no two test inputs of one length with different answers to patch between")
+
     def encode_batch(self, texts: list[str]) -> torch.Tensor:
         """Encode several texts into one padded (batch, pos) tensor."""
         encoded = [self.encode(text) for text in texts]
@@ -104,10 +115,19 @@ class Task(ABC):
 TASKS: dict[str, type[Task]] = {}
 
 
-def random_split(examples: Split, train_frac: float, data_seed: int) -> tuple[Split, Split]:
+def random_split(examples: Split, train_frac: float, data_seed: int, shuffle: str = "torch") -> tuple[Split, Split]:
     """The train/test split of a task that enumerates every example (modular, S5): one permutation of
-    all examples from `data_seed`, cut at `train_frac`."""
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(data_seed))
+    all examples from `data_seed`, cut at `train_frac`. shuffle "torch": `torch.randperm` seeded with
+    `data_seed`; "python": `random.seed(data_seed); random.shuffle(...)` of the examples in order, as
+    Nanda et al.'s `gen_train_test` draws its split."""
+    if shuffle == "python":
+        import random
+
+        order = list(range(len(examples)))
+        random.Random(data_seed).shuffle(order)  # the same permutation as random.seed(seed); random.shuffle(list)
+        order = torch.tensor(order, dtype=torch.long)
+    else:
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(data_seed))
     n_train = int(train_frac * len(examples))
     train, test = order[:n_train], order[n_train:]
     return Split(examples.tokens[train], examples.labels[train]), Split(examples.tokens[test], examples.labels[test])

@@ -3,7 +3,10 @@ Nanda et al. 2023 (p = 113 addition).
 
 Tokens 0..p-1 are the numbers and token p is `=`; the answer (one of p classes) is read at the
 last position, under causal attention. `train_frac` of all valid (a, b) pairs, picked at random
-from `data_seed`, form the training split; the rest are the test split.
+from `data_seed`, form the training split; the rest are the test split. The permutation is drawn with
+`torch.randperm` by default; `split_shuffle = "python"` draws it as Nanda et al.'s code does
+(`random.seed(data_seed); random.shuffle(pairs)` over the row-major pairs, then the first
+`int(train_frac * p²)` are the training split), so `nanda_2023` trains on exactly the paper's pairs.
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ class ModularConfig(TaskConfig):
     p: int = Field(113, ge=2, le=1000, description="the modulus")
     operator: str = Field("add", description=f"one of {', '.join(OPERATORS)}")
     train_frac: float = Field(0.3, gt=0.0, lt=1.0)
+    split_shuffle: Literal["torch", "python"] = Field(
+        "torch", description="how the split's permutation is drawn from data_seed: torch.randperm, or Python's "
+                             "random.shuffle as in Nanda et al.'s code (their exact split with data_seed = 0)")
 
     @field_validator("operator")
     @classmethod
@@ -114,6 +120,13 @@ class ModularTask(Task):
         a, b = (int(t) for t in list(tokens)[:2])
         return f"{a} {self.symbol} {b} ="
 
+    def patching_pair(self) -> tuple[str, str]:
+        """Activation patching's default: `12 + 5 =` against `13 + 5 =` (numbers taken mod p; a moved on
+        until the answers differ)."""
+        a, b = 12 % self.p, 5 % self.p or 1
+        other = next(n for n in range(a + 1, a + self.p) if self.answer(n % self.p, b) != self.answer(a, b)) % self.p
+        return f"{a} {self.symbol} {b} =", f"{other} {self.symbol} {b} ="
+
     def answer(self, a: int, b: int) -> int:
         return int(self._fn(torch.tensor([a]), torch.tensor([b]), self.p)[0])
 
@@ -133,4 +146,4 @@ class ModularTask(Task):
         return Split(tokens=tokens, labels=self._fn(a, b, self.p))
 
     def _make_splits(self) -> tuple[Split, Split]:
-        return random_split(self.all_pairs(), self.config.train_frac, self.config.data_seed)
+        return random_split(self.all_pairs(), self.config.train_frac, self.config.data_seed, self.config.split_shuffle)
