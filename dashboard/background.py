@@ -26,6 +26,13 @@ def stop_all(timeout: float = 120.0) -> None:
     _POOL.submit(lambda: None).result(timeout)  # one worker, first in first out: the work before it is done
 
 
+def submit(fn: Callable, *args) -> Future:
+    """`fn(*args)` on the background thread, after the work queued before it: a page that would keep its
+    visitor waiting (progress measures over every checkpoint of a run nobody analysed) answers at once
+    with a notice and shows the result when it is ready (`display.when_ready`)."""
+    return _POOL.submit(fn, *args)
+
+
 class Prefetcher:
     """Computes `fn(key)` for every key, in order, on the background thread.
 

@@ -3,6 +3,7 @@ read (missing, half-written, damaged, bad input) into one line in the page inste
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -26,6 +27,22 @@ def guard(what: str = "") -> Iterator[None]:
     except (RunError, PageError, ValueError, OSError, KeyError) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         st.error(f"{what}: {message}" if what else message, icon="⚠️")
+
+
+def when_ready(future: Future, message: str, poll_s: float = 1.0):
+    """The result of background work (`background.submit`) if it is done; else None, with `message` shown
+    and the page drawn again by itself as soon as the work is done. An error of the work is raised here."""
+    if future.done():
+        return future.result()
+    st.info(message, icon="⏳")
+
+    @st.fragment(run_every=poll_s)
+    def _poll() -> None:
+        if future.done():
+            st.rerun()  # the whole page, now with the result
+
+    _poll()
+    return None
 
 
 def chart(fig, key: str) -> None:

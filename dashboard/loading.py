@@ -19,7 +19,7 @@ from lab.errors import RunError
 from lab.runs.storage import checkpoint_path, default_runs_dir
 
 # The Runs table's columns, in order (config values of tasks that lack them are left empty).
-RUN_COLUMNS = ["name", "task", "arch", "n_params", "p", "operator", "train_frac", "weight_decay", "lr", "layers", "heads", "status",
+RUN_COLUMNS = ["name", "sweep", "task", "arch", "n_params", "p", "operator", "train_frac", "weight_decay", "lr", "layers", "heads", "status",
                "step", "steps", "memorize_step", "grok_step", "train_acc", "test_acc", "updated_at", "path", "error"]
 
 

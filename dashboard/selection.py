@@ -24,6 +24,17 @@ def no_runs_message() -> None:
     )
 
 
+# Streamlit cuts a multiselect's chips to a fixed width, which leaves sweep members (SWEEP/MEMBER, told apart
+# by their end) all reading "modadd_quick-swe…": let the sidebar's chips take its width and wrap instead.
+WRAP_CHIPS = """<style>
+[data-testid="stSidebar"] [data-testid="stMultiSelect"] [role="group"] { max-height: none; }
+[data-testid="stSidebar"] [data-testid="stMultiSelectTagsContainer"] { max-height: none; overflow: visible; }
+[data-testid="stSidebar"] [data-testid="stMultiSelectTagsContainer"] [data-tag] { max-width: 100%; height: auto; }
+[data-testid="stSidebar"] [data-testid="stMultiSelectTagsContainer"] [data-tag] > span {
+  max-width: none; white-space: normal; overflow-wrap: anywhere; text-overflow: clip; }
+</style>"""
+
+
 def sidebar_selection(rows: pd.DataFrame) -> list[str]:
     """The sidebar's multiselect of runs, shared by every page (it lives in session state)."""
     names = [n for n, s in zip(rows["name"], rows["status"]) if s != "damaged"] if not rows.empty else []
@@ -35,8 +46,49 @@ def sidebar_selection(rows: pd.DataFrame) -> list[str]:
     st.sidebar.multiselect("Runs", names, key=state.SELECTED,
                            help="Pick runs on the Runs page or here; every page uses them.",
                            on_change=lambda: st.session_state.__setitem__(state.SELECTION_TOUCHED, True))
+    st.sidebar.html(WRAP_CHIPS)
     st.sidebar.caption(f"runs folder: `{loading.runs_dir()}`")
     return state.selected_names()
+
+
+def ticked_rows(shown: list[str]) -> list[int]:
+    """Rows of a table listing `shown` (run names, in row order) that the sidebar's selection ticks."""
+    selected = set(state.selected_names())
+    return [i for i, name in enumerate(shown) if name in selected]
+
+
+def sync_table(key: str, shown: list[str]) -> None:
+    """Before drawing the runs table `key` over `shown`: tick the rows of the sidebar's runs (a selection
+    made in the sidebar or on another page, rows filtered in or out), and remember the row order, which
+    `on_ticks` needs to read the user's ticks (row numbers) as runs.
+
+    Sent with every drawing, not only when it differs: the browser's table forgets ticks it did not make
+    itself when it is drawn again with new data (every few seconds while a run trains), and the next
+    click would then send only its own tick."""
+    # In the form the browser sends it back ("cells" too): a differing form would read as a change, and
+    # run `on_ticks` with the table's old ticks after a change made in the sidebar.
+    st.session_state[key] = {"selection": {"rows": ticked_rows(shown), "columns": [], "cells": []}}
+    st.session_state[state.TABLE_ROWS] = shown
+
+
+def on_ticks(key: str) -> None:
+    """The user ticked or unticked rows of the runs table `key`: the sidebar's selection becomes the ticked
+    runs, plus the selected runs the table does not show now (filtered out), in the order they were picked.
+
+    A callback runs before the rerun it triggers; the table lives in a fragment, whose widgets rerun only
+    the fragment, so `rerun_if_ticked` (in the fragment) reruns the whole app to redraw the sidebar."""
+    shown = st.session_state.get(state.TABLE_ROWS, [])
+    ticked = [shown[i] for i in sorted(st.session_state[key]["selection"]["rows"]) if i < len(shown)]
+    before = state.selected_names()
+    kept = [n for n in before if n not in shown or n in ticked]
+    st.session_state[state.SELECTED] = kept + [n for n in ticked if n not in kept]
+    st.session_state[state.SELECTION_TOUCHED] = True
+    st.session_state[state.TICKED] = True
+
+
+def rerun_if_ticked() -> None:
+    if st.session_state.pop(state.TICKED, False):
+        st.rerun()  # the whole app, not just the fragment: the sidebar and the curves below show the new selection
 
 
 def selected_paths() -> dict[str, str]:

@@ -13,6 +13,8 @@ import streamlit as st
 SELECTED = "selected_runs"  # the sidebar's run selection, shared by every page
 ROWS = "_rows"  # the runs table (loading.run_rows) of this script run
 SELECTION_TOUCHED = "_selection_touched"  # the user changed the selection (so an empty one is meant)
+TABLE_ROWS = "_table_rows"  # the run names of the Runs table's rows, in the order last drawn
+TICKED = "_ticked"  # the user just ticked rows of the Runs table (the app reruns to redraw the sidebar)
 
 
 def rows() -> pd.DataFrame:

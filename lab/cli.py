@@ -34,9 +34,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     progress = not args.quiet
     if args.resume is not None:
-        if args.experiment or args.overrides or args.name is not None:
-            raise UserError("--resume RUN_DIR continues a run with its own config; drop EXPERIMENT, --name and --set")
-        trainer = Trainer.resume(args.resume, progress=progress)
+        if args.experiment or args.name is not None:
+            raise UserError("--resume RUN_DIR continues a run with its own config; drop EXPERIMENT and --name "
+                            "(--set train.steps=N extends it)")
+        trainer = Trainer.resume(args.resume, progress=progress, overrides=args.overrides or [])
         summary = trainer.run(resume=True)
     else:
         if not args.experiment:
@@ -58,11 +59,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _print_summary(summary: dict, run_dir) -> None:
+    from lab.runs.outcomes import reached_text
+
     final = {k: v if v is not None else float("nan") for k, v in summary.get("final", {}).items()}
     print(
         f"{summary['status']}: {run_dir} at step {summary['step']}/{summary['steps']}, "
         f"train acc {final.get('train_acc', float('nan')):.4f}, test acc {final.get('test_acc', float('nan')):.4f}, "
-        f"memorized at {summary['memorize_step']}, grokked at {summary['grok_step']}, {summary['wall_time_s']:.1f} s"
+        f"{reached_text('memorized', summary['memorize_step'], summary['step'])}, "
+        f"{reached_text('grokked', summary['grok_step'], summary['step'])}, {summary['wall_time_s']:.1f} s"
     )
     if summary["status"] == "interrupted":
         print(f"resume with: lab train --resume {run_dir}", file=sys.stderr)
@@ -115,6 +119,12 @@ def cmd_sweeps(args: argparse.Namespace) -> int:
     print("  ".join(col.ljust(w) for col, w in zip(columns, widths)).rstrip())
     for r in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+    from lab.sweeps.stats import phase_thresholds_text
+
+    print(f"phases (Liu et al. 2022, Table 1): {phase_thresholds_text()}")
+    for row in rows:  # a damaged sweep.json: its row says "damaged", this line says what (its members stay in `lab runs`)
+        if row.get("error"):
+            print(f"lab: {row['name']}: {row['error']}", file=sys.stderr)
     return 0
 
 
@@ -152,6 +162,8 @@ def _cell(row: dict, col: str) -> str:
         value = row.get("n_params")
     if col == "step" and row.get("steps") is not None:
         return f"{value}/{row['steps']}"
+    if col in ("memorize_step", "grok_step") and value is None and row.get("step") is not None:
+        return f">{row['step']}"  # not reached within the steps run so far: censored, not a step
     if isinstance(value, float):
         return f"{value:.4f}"
     return "-" if value is None else str(value)
@@ -162,21 +174,33 @@ def _cell(row: dict, col: str) -> str:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Train the quick experiments, analyse what the dashboard's pages show, then open the dashboard on them."""
+    import os
+
+    import torch
+
+    from lab.analysis.circuit_history import precompute_circuits
     from lab.analysis.heads import precompute_heads
     from lab.analysis.progress import progress_measures
     from lab.runs.run import load_run
 
+    # One torch thread unless the user chose (OMP_NUM_THREADS): these models are small, and on a busy
+    # machine a second thread spin-waits for a core. Measured from start to a healthy dashboard on a
+    # shared 2-core machine under load: 62 s of CPU and 121 s wall with one thread (load average 5-11),
+    # 341 s of CPU and 971 s wall with two (load average 13).
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
     for experiment in ("modadd_quick", "a_and_b"):
         train_args = argparse.Namespace(experiment=experiment, overrides=[], name=None, runs_dir=args.runs_dir,
                                         resume=None, quiet=False)
         code = cmd_train(train_args)
         if code:
             return code
-        # The Progress measures and Heads pages then answer from the run folder's cache, not by computing.
+        # The Progress measures, Heads and Circuits pages then answer from the run folder's cache, not by computing.
         run = load_run(train_args.run_dir)
         if run.task.name == "modular":
             progress_measures(run, progress=True)
         precompute_heads(run, progress=True)
+        precompute_circuits(run, progress=True)
     if args.no_dashboard:
         print(f"done; browse the runs with: lab dashboard{' --runs-dir ' + args.runs_dir if args.runs_dir else ''}")
         return 0
@@ -216,17 +240,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     """Nanda et al.'s progress measures at every checkpoint of a modular run, stored in RUN/analysis/."""
-    from lab.analysis.progress import CACHE_FILE, progress_measures
+    from lab.analysis.progress import cache_file, progress_measures
     from lab.runs.run import load_run
 
     run = load_run(args.run, args.runs_dir)
-    frame = progress_measures(run, progress=not args.quiet)
+    frame = progress_measures(run, progress=not args.quiet, definition=args.definition)
     freqs = frame.attrs["key_frequencies"]
     print(f"{run.name}: {len(frame)} checkpoints; key frequencies: {', '.join(map(str, freqs)) or 'none found'}")
+    print(f"definition {frame.attrs['definition']}")
     columns = ["step", "train_loss", "test_loss", "restricted_loss", "excluded_loss", "gini_embed", "sum_sq_weights"]
     shown = frame if len(frame) <= 12 else frame.iloc[[round(i * (len(frame) - 1) / 11) for i in range(12)]]
     print(shown[columns].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
-    print(f"stored in {run.path / CACHE_FILE}")
+    print(f"stored in {run.path / cache_file(args.definition)}")
     return 0
 
 
@@ -246,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runs_dir(p)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.steps=500 --set task.p=97")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint (--set train.steps=N extends it)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_train)
 
@@ -286,6 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "of a modular run, and store them in RUN/analysis/.")
     p.add_argument("run", help="a run folder, or a run name under the runs folder")
     _add_runs_dir(p)
+    p.add_argument("--definition", choices=["paper", "tl_demo"], default="paper",
+                   help="paper (default): Nanda et al.'s notebook, the logits' key-frequency terms, restricted loss on "
+                        "all pairs; tl_demo: TransformerLens's demo, the neurons' terms through W_L, restricted loss on "
+                        "the test split")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_analyze)
 

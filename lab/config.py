@@ -82,6 +82,14 @@ class GradFilterConfig(StrictModel):
     window: int = Field(100, ge=1, description="MA window, in steps")
 
 
+# What one run may ask for, checked when the config is validated (before anything is allocated): the
+# trainer keeps every evaluation row in memory and plans every checkpoint step up front, so a typo such
+# as steps = 1e12 must be one line, not a MemoryError.
+MAX_STEPS = 10**9
+MAX_EVALUATIONS = 10**6  # metrics.jsonl rows (steps / eval_every), about 1 KiB each in memory
+MAX_CHECKPOINTS = 10**5  # checkpoint files (steps / checkpoint_every + log_checkpoints)
+
+
 class TrainConfig(StrictModel):
     steps: int = Field(1000, ge=0)
     lr: float = Field(1e-3, gt=0)
@@ -91,15 +99,40 @@ class TrainConfig(StrictModel):
     batch_size: int | None = Field(None, ge=1, description="None: full batch")
     eval_every: int = Field(100, ge=1)
     checkpoint_every: int = Field(1000, ge=1)
-    log_checkpoints: int = Field(24, ge=0, description="extra checkpoints at log-spaced steps")
+    log_checkpoints: int = Field(24, ge=0, le=MAX_CHECKPOINTS, description="extra checkpoints at log-spaced steps")
     loss_dtype: Literal["float32", "float64"] = Field("float32", description="precision of the log-softmax")
     loss: Literal["softmax", "stablemax"] = Field("softmax", description="StableMax: Prieto et al. 2025")
     orthograd: bool = Field(False, description="⊥Grad: Prieto et al. 2025")
     grad_filter: GradFilterConfig = GradFilterConfig()
     stop_after_grok: int | None = Field(
-        None, ge=0, description="end the run at the first evaluation this many steps after test acc >= 0.99 (None: run all steps)"
+        None, ge=0, description="end the run at the first evaluation this many steps after test acc >= 0.99 "
+                                "(false or \"off\": run all steps)"
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("stop_after_grok", mode="before")
+    @classmethod
+    def _stop_after_grok_off(cls, value):
+        # TOML has no null: `--set train.stop_after_grok=false` (or "off") turns an experiment's early stop off
+        return None if value is False or (isinstance(value, str) and value.strip().lower() in ("off", "none")) else value
+
+    @field_validator("steps")
+    @classmethod
+    def _steps_within_limit(cls, steps: int) -> int:
+        if steps > MAX_STEPS:
+            raise ValueError(f"more than the {MAX_STEPS:,} steps a run may have")
+        return steps
+
+    @field_validator("eval_every", "checkpoint_every")
+    @classmethod
+    def _files_within_limit(cls, every: int, info) -> int:
+        what, most, verb = {"eval_every": ("evaluations", MAX_EVALUATIONS, "log"),
+                            "checkpoint_every": ("checkpoints", MAX_CHECKPOINTS, "keep")}[info.field_name]
+        steps = info.data.get("steps")
+        if steps is not None and steps // every + 1 > most:
+            raise ValueError(f"with train.steps = {steps} that is {steps // every + 1:,} {what}, more than the {most:,} "
+                             f"a run may {verb}; use {info.field_name} >= {-(-steps // (most - 1))}")
+        return every
 
     @field_validator("betas")
     @classmethod
@@ -160,6 +193,36 @@ def experiment_path(experiment: str | Path) -> Path:
     raise ConfigError(f"no experiment {str(experiment)!r}: not a file, and not one of experiments/ ({known})")
 
 
+MAX_NESTING = 32  # an experiment is [section] tables of values (lists of lists at most); deeper is not an experiment
+
+
+def loads_toml(text: str, where: str) -> dict:
+    """`tomllib.loads`, refusing (one ConfigError line naming `where`) data nested deeper than MAX_NESTING,
+    which would otherwise end in a RecursionError here or in any code that walks it."""
+    # dotted keys nest too, and tomllib takes quadratic time over them (50k dots: a minute): count them first
+    dotted = max((line.split("=", 1)[0].count(".") for line in text.splitlines()), default=0)
+    try:
+        data = tomllib.loads(text) if dotted <= MAX_NESTING else None
+    except RecursionError:
+        data = None
+    if data is None or nesting_depth(data) > MAX_NESTING:
+        raise ConfigError(f"{where}: nested more than {MAX_NESTING} levels deep; an experiment is [section] tables of values")
+    return data
+
+
+def nesting_depth(value: Any) -> int:
+    """How deeply tables and lists nest in `value` (0 for a plain value), without recursion; stops past MAX_NESTING."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth > MAX_NESTING:
+                break
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
 def parse_override(assignment: str) -> tuple[list[str], Any]:
     """`train.lr=3e-3` -> (["train", "lr"], 0.003). Values are TOML literals; bare words are strings."""
     key, sep, raw = assignment.partition("=")
@@ -167,9 +230,11 @@ def parse_override(assignment: str) -> tuple[list[str], Any]:
     if not sep or not key:
         raise ConfigError(f"--set {assignment!r} is not of the form section.key=value (e.g. train.steps=500)")
     try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        value = loads_toml(f"v = {raw.strip()}", f"--set {key}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw.strip()
+    if len(key.split(".")) > MAX_NESTING:
+        raise ConfigError(f"--set {key}: nested more than {MAX_NESTING} levels deep; config keys look like section.key")
     return key.split("."), value
 
 
@@ -194,7 +259,7 @@ def read_toml(path: Path) -> dict:
     from lab.files import read_text
 
     try:
-        return tomllib.loads(read_text(path, limit=MAX_EXPERIMENT_BYTES))
+        return loads_toml(read_text(path, limit=MAX_EXPERIMENT_BYTES), str(path))
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML ({err})") from None
     except LabError as err:  # missing, a folder, too large, not UTF-8
@@ -208,7 +273,7 @@ def load_experiment(experiment: str | Path, overrides: list[str] | None = None) 
     data.setdefault("name", path.stem)
     data.pop("sweep", None)  # the [sweep] table is for `lab sweep` (see `load_sweep_table`); `lab train` trains the base point
     apply_overrides(data, overrides or [])
-    return validate_experiment(data, source=str(path))
+    return validate_experiment(data, source=str(path), overrides=overrides or [])
 
 
 def load_experiment_data(experiment: str | Path, overrides: list[str] | None = None) -> tuple[dict, dict, Path]:
@@ -261,11 +326,22 @@ def check_config_key(key: str, data: dict, where: str = "config") -> None:
         model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
 
-def validate_experiment(data: dict, source: str = "config") -> ExperimentConfig:
+def validate_experiment(data: dict, source: str = "config", overrides: list[str] = ()) -> ExperimentConfig:
+    """Validate; the one-line error names `source` (the TOML file), or the `--set` that gave the bad key."""
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(f"{source}: {describe_validation_error(err, data)}") from None
+        raise ConfigError(f"{error_source(err, source, overrides)}: {describe_validation_error(err, data)}") from None
+
+
+def error_source(err: ValidationError, source: str, overrides: list[str]) -> str:
+    """`--set 'train.lr=-1'` when the first error's key (or a section above it) was set on the command line, else `source`."""
+    loc = [str(part) for part in err.errors()[0]["loc"]]
+    for assignment in reversed(overrides):  # the last --set of a key is the one that counts
+        path, _ = parse_override(assignment)
+        if loc[:len(path)] == path:
+            return f"--set {assignment!r}"
+    return source
 
 
 def describe_validation_error(err: ValidationError, data: dict) -> str:

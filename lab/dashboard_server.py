@@ -53,6 +53,11 @@ def check_port_free(host: str, port: int) -> None:
         raise DashboardError(f"--port {port} is not a valid port (1-65535)")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # As the server itself binds (uvicorn/tornado set it): a port whose last server just stopped keeps
+        # its closed connections in TIME_WAIT for a minute, which is no reason to refuse a restart. A server
+        # listening there still makes bind fail.
+        if os.name == "posix":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as err:

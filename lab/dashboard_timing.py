@@ -7,7 +7,8 @@ time of one script run (what the browser waits for before it can draw), not the 
 For every page it times the first visit (in-memory caches cleared; what the run folders cache on disk,
 such as `lab analyze`'s progress measures, is kept) and then each interaction a user makes there:
 moving the checkpoint slider, typing a sentence, changing a and b, switching the ablation method or
-split, coming back to a page already visited. Each measurement is repeated `--repeat` times with
+split, on the Circuits page typing a corrupted input and switching its summaries and views, coming back
+to a page already visited. Each measurement is repeated `--repeat` times with
 fresh caches; the table shows the median and the slowest.
 
 The goal (issue 10): every interaction <= 300 ms, every first visit <= 2 s, on an idle 2-core machine.
@@ -81,6 +82,18 @@ def measure(runs_dir: Path, repeat: int, pages: list[str], app: Path = APP) -> d
         times[label].append(seconds)
         print(f"  {label:<52} {seconds * 1000:9.0f} ms", file=sys.stderr, flush=True)
 
+    def each_run(page: str):
+        """The first visit of a page (its run picker `PAGE_run`, slider `PAGE_step:RUN`), then for each shipped
+        run: pick it, move the checkpoint slider, and yield its name for the page's own controls."""
+        record(f"{page}: first visit", at, lambda: at.switch_page(f"views/{page}.py"))
+        for name in (a_and_b, modular):
+            if name is None:
+                continue
+            record(f"{page}: pick run {name}", at, lambda name=name: at.selectbox(key=f"{page}_run").set_value(name))
+            for move in _slider_moves(at, f"{page}_step:{name}"):
+                record(f"{page} ({name}): checkpoint slider", at, move)
+            yield name
+
     for r in range(repeat):
         print(f"repeat {r + 1}/{repeat}", file=sys.stderr)
         st.cache_data.clear()
@@ -123,19 +136,27 @@ def measure(runs_dir: Path, repeat: int, pages: list[str], app: Path = APP) -> d
             record("progress: log x", at, lambda: at.toggle(key="progress_log_x").set_value(True))
 
         if "heads" in pages:
-            record("heads: first visit", at, lambda: at.switch_page("views/heads.py"))
-            for name in (a_and_b, modular):
-                if name is None:
-                    continue
-                record(f"heads: pick run {name}", at, lambda name=name: at.selectbox(key="heads_run").set_value(name))
-                for move in _slider_moves(at, f"heads_step:{name}"):
-                    record(f"heads ({name}): checkpoint slider", at, move)
+            for name in each_run("heads"):
                 if _widget(at, "radio", "heads_method") is not None:
                     record(f"heads ({name}): ablation method mean", at,
                            lambda: at.radio(key="heads_method").set_value("mean"))
                 if _widget(at, "radio", "heads_split") is not None:
                     record(f"heads ({name}): split train", at, lambda: at.radio(key="heads_split").set_value("train"))
                     record(f"heads ({name}): split test", at, lambda: at.radio(key="heads_split").set_value("test"))
+
+        if "circuits" in pages:
+            for name in each_run("circuits"):
+                record(f"circuits ({name}): summary over training", at,
+                       lambda: at.selectbox(key="circuits_measure").set_value("dla"))
+                corrupted = _widget(at, "text_input", f"circuits_corrupted:{name}")
+                if corrupted is not None:
+                    typed = "a cax" if name == a_and_b else "14 + 5 ="
+                    record(f"circuits ({name}): type a corrupted input", at,
+                           lambda name=name, typed=typed: at.text_input(key=f"circuits_corrupted:{name}").set_value(typed))
+                record(f"circuits ({name}): MLP neurons", at, lambda: at.checkbox(key="circuits_neurons").set_value(True))
+                record(f"circuits ({name}): full QK matrix", at, lambda: at.toggle(key="circuits_full").set_value(True))
+                if _widget(at, "toggle", "circuits_fourier") is not None:
+                    record(f"circuits ({name}): Fourier basis", at, lambda: at.toggle(key="circuits_fourier").set_value(True))
 
         for page in pages:  # back to pages already visited: what a user does most
             record("page switch (visited before)", at, lambda page=page: at.switch_page(f"views/{page}.py"))
@@ -156,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lab.dashboard_timing", description=__doc__.splitlines()[0])
     parser.add_argument("--runs-dir", default=None, help="the runs to browse (default: $LAB_RUNS_DIR or ./runs)")
     parser.add_argument("--repeat", type=int, default=3, help="fresh-cache repetitions of every measurement")
-    parser.add_argument("--pages", default="runs,curves,attention,progress,heads",
+    parser.add_argument("--pages", default="runs,curves,attention,progress,heads,circuits",
                         help="comma-separated pages to time (default: all)")
     parser.add_argument("--app", type=Path, default=APP, help="the app to time (default: this checkout's dashboard)")
     args = parser.parse_args(argv)
@@ -164,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runs_dir = Path(args.runs_dir) if args.runs_dir else default_runs_dir()
     pages = [p.strip() for p in args.pages.split(",") if p.strip()]
-    valid = {"runs", "curves", "attention", "progress", "heads"}
+    valid = {"runs", "curves", "attention", "progress", "heads", "circuits"}
     bad = [p for p in pages if p not in valid]
     if bad:
         parser.error(f"--pages {','.join(bad)}: not a page; valid: {', '.join(sorted(valid))}")

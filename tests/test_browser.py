@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 import dashboard_runs
+import lab
 from lab.runs.storage import acquire_writer
 import sweep_runs
 
@@ -177,6 +178,74 @@ def _shoot(page, path: Path) -> None:
     page.set_viewport_size(VIEWPORT)
 
 
+def _table_rows(page) -> list[dict]:
+    """The Runs table's rows as the browser shows them (its accessible copy of the canvas): the run's name
+    as the sidebar writes it (SWEEP/MEMBER), whether its row is ticked, and its row number."""
+    return page.locator('[data-testid="stDataFrame"] table[role="grid"]').first.evaluate(
+        """t => [...t.querySelectorAll('tbody tr')].map(tr => { const c = [...tr.querySelectorAll('td')].map(td => td.textContent);
+              return {name: c[0] && c[0] !== '—' ? c[0] + '/' + c[1] : c[1], ticked: tr.getAttribute('aria-selected') === 'true',
+                      row: Number(tr.getAttribute('aria-rowindex')) - 2}; })""")
+
+
+def _sidebar_runs(page) -> list[str]:
+    return page.locator('[data-testid="stSidebar"] [data-testid="stMultiSelectTagsContainer"] [data-tag]').evaluate_all(
+        "tags => tags.map(t => t.getAttribute('aria-label'))")
+
+
+def _tick(page, row: int) -> None:
+    """Click the tick box of a row of the Runs table (rows are 35 px; the header is one)."""
+    box = page.locator('[data-testid="stDataFrame"]').first.bounding_box()
+    page.mouse.click(box["x"] + 16, box["y"] + 35 * (row + 1) + 17)
+
+
+def _wait_for(page, what: str, check, timeout_s: float = RENDER_TIMEOUT_MS / 1000):
+    deadline = time.monotonic() + timeout_s
+    while not (value := check()) and time.monotonic() < deadline:
+        page.wait_for_timeout(200)
+    assert value, f"timed out waiting for {what}"
+    return value
+
+
+def _runs_selection_both_ways(page, folder: Path, shots: Path) -> None:
+    """Ticking rows changes the sidebar and the Curves page; a run removed in the sidebar is unticked.
+    Every row is drawn (11 runs, eight of them members of one sweep, told apart by their names)."""
+    rows = _table_rows(page)
+    names = [row["name"] for row in rows]
+    assert sorted(names) == sorted(r["name"] for r in lab.list_runs(folder)) and len(names) == 11
+    assert len({row["name"].split("/")[-1] for row in rows}) == 11  # sweep members differ in the run column
+    scroller = page.locator('[data-testid="stDataFrame"] .dvn-scroller').first
+    heights = scroller.evaluate("e => [e.scrollHeight, e.clientHeight]")
+    assert heights[0] <= heights[1] + 1, f"the last rows hide below the table's edge: {heights}"
+    assert page.get_by_text("11 of 11 runs shown").count() == 1
+    selected = _sidebar_runs(page)
+    assert selected and [r["name"] for r in rows if r["ticked"]] == [n for n in names if n in selected]
+
+    untick = next(r for r in rows if r["ticked"])
+    tick = next(r for r in rows if not r["ticked"] and r["name"] == "mod23")
+    _tick(page, tick["row"])
+    _wait_for(page, "mod23 in the sidebar", lambda: "mod23" in _sidebar_runs(page))
+    _tick(page, untick["row"])
+    _wait_for(page, f"{untick['name']} out of the sidebar", lambda: untick["name"] not in _sidebar_runs(page))
+    expected = [n for n in selected if n != untick["name"]] + ["mod23"]
+    assert _sidebar_runs(page) == expected
+    assert {r["name"] for r in _table_rows(page) if r["ticked"]} == set(expected)
+    _shoot(page, shots / "0_runs_ticked.png")
+
+    page.get_by_role("link", name="Curves").click()  # the app's own navigation: the same session
+    page.get_by_role("heading", name="Curves").first.wait_for(timeout=RENDER_TIMEOUT_MS)
+    _settle(page)
+    traces = page.evaluate("() => [...new Set(document.querySelector('.js-plotly-plot').data.map(t => t.name))]")
+    assert {t.rsplit(" ", 1)[0] for t in traces} == set(expected), traces
+
+    page.locator('[data-testid="stSidebar"] [data-tag]').filter(has_text="mod23").locator("button").click()
+    page.get_by_role("link", name="Runs").click()
+    page.get_by_role("heading", name="Runs").first.wait_for(timeout=RENDER_TIMEOUT_MS)
+    _settle(page)
+    ticked = _wait_for(page, "the table to follow the sidebar",
+                       lambda: {r["name"] for r in _table_rows(page) if r["ticked"]} == set(expected) - {"mod23"} or None)
+    assert ticked and "mod23" not in _sidebar_runs(page)
+
+
 def _no_exception(page) -> None:
     assert page.locator('[data-testid="stException"]').count() == 0, page.locator('[data-testid="stException"]').first.inner_text()
 
@@ -207,10 +276,11 @@ def test_dashboard_in_a_browser(server, shots):
             assert widths[0] <= widths[1] + 1, f"the runs table scrolls sideways: {widths}"
             _finish_live_run(folder / "live", live_writer)
             page.wait_for_function(f"() => ({live_points})() === 3", timeout=RENDER_TIMEOUT_MS)
+            _runs_selection_both_ways(page, folder, shots)
 
             for n, (path, title) in enumerate([("", "Runs"), ("curves", "Curves"), ("attention", "Attention"),
                                                ("progress", "Progress measures"), ("heads", "Heads"),
-                                               ("sweeps", "Sweeps")], start=1):
+                                               ("circuits", "Circuits"), ("sweeps", "Sweeps")], start=1):
                 page.goto(f"{url}/{path}")
                 page.get_by_role("heading", name=title).first.wait_for(timeout=RENDER_TIMEOUT_MS)
                 _settle(page)
@@ -315,4 +385,4 @@ def test_dashboard_in_a_browser(server, shots):
             assert not elsewhere, f"the dashboard asked other hosts: {sorted(set(elsewhere))[:5]}"
         finally:
             browser.close()
-    assert len(list(shots.glob("*.png"))) == 12, sorted(p.name for p in shots.glob("*.png"))
+    assert len(list(shots.glob("*.png"))) == 14, sorted(p.name for p in shots.glob("*.png"))

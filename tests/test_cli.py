@@ -33,8 +33,8 @@ def test_help_imports_nothing_heavy():
     "args, message",
     [
         (["train", "no_such_experiment"], "no experiment 'no_such_experiment': not a file, and not one of experiments/ ("),
-        (["train", "modadd_quick", "--set", "train.lr=fast"], "train.lr = 'fast': Input should be a valid number"),
-        (["train", "modadd_quick", "--set", "train.lrr=0.1"], "unknown key 'train.lrr'; did you mean 'lr'?"),
+        (["train", "modadd_quick", "--set", "train.lr=fast"], "error: --set 'train.lr=fast': train.lr = 'fast': Input should be a valid number"),
+        (["train", "modadd_quick", "--set", "train.lrr=0.1"], "error: --set 'train.lrr=0.1': unknown key 'train.lrr'; did you mean 'lr'?"),
         (["train", "modadd_quick", "--set", "task.operator=pow"], "unknown operator 'pow'; valid operators: add, sub, mul, div"),
         (["train", "modadd_quick", "--set", "task.name=sorting"], "unknown task 'sorting'; valid tasks: a_and_b, modular"),
         (["train", "modadd_quick", "--set", "task.operator=div", "--set", "task.p=60"], "p = 60 is not prime"),
@@ -60,6 +60,16 @@ def test_bad_toml_file(tmp_path):
     bad.write_text("[task\nname = 1")
     result = lab("train", str(bad), "--runs-dir", str(tmp_path / "runs"))
     assert result.returncode == 2 and "bad.toml: not valid TOML" in result.stderr
+
+
+def test_a_bad_value_names_where_it_came_from(tmp_path):
+    """The file when the bad value is in the file (even with other --set keys given), the --set when it came from one."""
+    bad = tmp_path / "bad_lr.toml"
+    bad.write_text('[task]\nname = "modular"\np = 7\n[train]\nlr = -1.0\n')
+    from_file = lab("train", str(bad), "--set", "train.steps=5", "--runs-dir", str(tmp_path / "runs"))
+    assert from_file.returncode == 2 and f"error: {bad}: train.lr = -1.0" in from_file.stderr, from_file.stderr
+    from_set = lab("train", str(bad), "--set", "train.lr=0.1", "--set", "task.p=abc", "--runs-dir", str(tmp_path / "runs"))
+    assert from_set.returncode == 2 and "error: --set 'task.p=abc': task.p = 'abc'" in from_set.stderr, from_set.stderr
 
 
 def test_train_runs_and_sweep_end_to_end(tmp_path):
@@ -115,3 +125,17 @@ def test_analyze_shows_a_progress_bar_only_when_there_is_something_to_compute(tm
     assert main(["analyze", str(tmp_path / "tiny")]) == 0  # all cached now
     second = capsys.readouterr()
     assert "tiny: 4 checkpoints" in second.out and second.err == ""
+
+
+def test_an_outcome_never_reached_reads_as_censored_not_as_none(tmp_path):
+    """A run that never memorised or grokked says so with its step count: no `grokked at None`, no `-`."""
+    runs = tmp_path / "runs"
+    never = ["--set", "task.p=7", "--set", "model.d_model=16", "--set", "model.d_mlp=32", "--set", "train.steps=10",
+             "--set", "train.eval_every=5", "--set", "train.lr=1e-9"]
+    trained = lab("train", "modadd_quick", *never, "--quiet", "--runs-dir", str(runs))
+    assert trained.returncode == 0, trained.stderr
+    line = trained.stdout.splitlines()[0]
+    assert "memorized: not within 10 steps, grokked: not within 10 steps" in line and "None" not in line
+    header, row = lab("runs", "--runs-dir", str(runs)).stdout.strip().splitlines()
+    cells = dict(zip(header.split(), row.split()))
+    assert (cells["memorize_step"], cells["grok_step"]) == (">10", ">10")

@@ -129,8 +129,39 @@ def test_attention_grid_keeps_repeated_tokens_and_fixes_the_scale():
     heatmaps = [t for t in fig.data if t.type == "heatmap"]
     assert len(heatmaps) == 6
     assert all(t.zmin == 0 and t.zmax == 1 for t in heatmaps)
-    assert list(fig.layout.xaxis.ticktext) == ["<cls>", "a", "a", "b"]  # numeric axis: both "a" kept
+    assert list(fig.layout.xaxis.ticktext) == ["<cls>", "a", "a", "b"]  # numeric axis: both "a" kept (wide columns)
+    assert list(fig.layout.yaxis.ticktext) == ["<cls>", "a", "a", "b"]
     assert np.allclose(np.array(heatmaps[4].z), pattern[1, 1].numpy())
+    assert fig.layout.yaxis.scaleanchor == "x" and fig.layout.yaxis6.scaleanchor == "x6"  # square cells
+
+
+def test_attention_labels_never_overlap_and_every_query_row_is_labelled():
+    from types import SimpleNamespace
+
+    import torch
+    from lab.plots.attention import CHAR_PX, PLOT_WIDTH_PX
+
+    for tokens, angle, every in ((["<cls>", *"cab"], 0, 1), (["<cls>", *"grab a cab"], -45, 1),
+                                 (["<cls>", *"grab a cab and a cab"], -90, 1), (["<cls>", *("x" * 40)], -90, 2)):
+        fig = figures.attention_grid_figure(torch.rand(2, 2, len(tokens), len(tokens)), tokens)
+        axis = fig.layout.xaxis
+        assert axis.tickangle == angle and list(axis.ticktext) == tokens[::every]
+        column_px = PLOT_WIDTH_PX / 2 / len(tokens)
+        if angle == 0:  # level: each label fits its column
+            assert all(len(t) * CHAR_PX <= column_px for t in tokens)
+        else:  # slanted or upright: neighbouring 12 px lines of labels lie far enough apart not to touch
+            assert every * column_px * abs(np.sin(np.radians(angle))) >= 12
+    # the read-position strip's narrow columns: a wide label drops below its neighbours instead
+    strip = figures.read_attention_figure(SimpleNamespace(pattern=torch.rand(1, 1, 60, 60), tokens=["<cls>", *"x" * 59],
+                                                          step=1), 0, "r")
+    assert list(strip.layout.xaxis.ticktext) == ["<br><cls>", *"x" * 59]
+    assert all(len(t) * CHAR_PX <= PLOT_WIDTH_PX / 60 for t in strip.layout.xaxis.ticktext[1:])
+    # a long input: every query row carries its label, each row tall enough for it
+    n = 120
+    tokens = ["<cls>", *("x" * (n - 1))]
+    fig = figures.attention_grid_figure(torch.rand(1, 2, n, n), tokens)
+    assert list(fig.layout.yaxis.ticktext) == tokens and list(fig.layout.yaxis2.ticktext) == tokens
+    assert (fig.layout.height - 120) / 2 >= n * figures.MIN_CELL_PX >= n * 12  # 12 px: the labels' font size
 
 
 def test_long_input_gets_a_readable_strip_and_a_grid_with_a_minimum_cell_size():
@@ -144,14 +175,14 @@ def test_long_input_gets_a_readable_strip_and_a_grid_with_a_minimum_cell_size():
     per_head = (grid.layout.height - 120) / 2  # one head per row
     assert per_head >= n * figures.MIN_CELL_PX  # each query row gets at least MIN_CELL_PX pixels
     assert grid.layout.xaxis.domain == grid.layout.xaxis2.domain  # stacked, not squeezed side by side
-    assert grid.layout.yaxis.scaleanchor == "x"  # square cells
+    assert len(grid.layout.yaxis.ticktext) == n  # every row labelled
 
     result = SimpleNamespace(pattern=pattern, tokens=tokens, step=7)
     strip = figures.read_attention_figure(result, 0, "ab")
     (heat,) = strip.data
     assert np.array(heat.z).shape == (2, n) and list(heat.y) == ["L0H0", "L0H1"]
     assert np.allclose(np.array(heat.z)[1], pattern[0, 1, 0].numpy())  # the <cls> row of each head
-    assert list(strip.layout.xaxis.ticktext) == tokens  # every character labelled, the lone "a" too
+    assert list(strip.layout.xaxis.ticktext) == ["<br><cls>", *tokens[1:]]  # every character labelled, the lone "a" too
     pattern[0, 1, 0] = 0.0
     pattern[0, 1, 0, 151] = 1.0  # head 1 reads only the "a"
     strip = figures.read_attention_figure(result, 0, "ab")
@@ -207,6 +238,65 @@ def test_markers_sit_on_the_raw_value_when_smoothed():
     assert smoothed.y[list(smoothed.x).index(200)] < 0.9  # (the smoothed curve is well below it there)
 
 
+def _progress(steps, sum_sq=(940.0, 1630.0)):
+    n = len(steps)
+    return pd.DataFrame({"step": steps, "train_loss": np.geomspace(4, 1e-3, n), "test_loss": np.geomspace(4, 0.5, n),
+                         "restricted_loss": np.geomspace(4, 0.2, n), "excluded_loss": np.geomspace(4, 6, n),
+                         "gini_embed": np.linspace(0.2, 0.8, n), "gini_neuron_logit": np.linspace(0.1, 0.6, n),
+                         "sum_sq_weights": np.linspace(*sum_sq, n)})
+
+
+def test_log_y_axes_write_every_decade_alike():
+    df = _progress(list(range(0, 1000, 100)))
+    for fig, axis in ((figures.progress_losses_figure(df), "yaxis"), (figures.progress_figure(df), "yaxis"),
+                      (figures.curves_figure({"r": _curves([0, 10, 100])}, "loss"), "yaxis")):
+        layout = fig.layout[axis]
+        assert layout.type == "log" and len(layout.ticktext) >= 2
+        # 10⁻³ ... 10⁰ ... 10¹, never "1" beside "10⁻¹"
+        assert all(label.startswith("10") and len(label) >= 3 for label in layout.ticktext), layout.ticktext
+        assert [10 ** round(np.log10(v)) for v in layout.tickvals] == pytest.approx(list(layout.tickvals))
+    assert list(figures.progress_losses_figure(df).layout.yaxis.ticktext) == ["10⁻³", "10⁻²", "10⁻¹", "10⁰", "10¹"]
+
+
+def test_sum_of_squared_weights_ticks_are_round_numbers():
+    for fig in (figures.progress_measures_figure(_progress(list(range(0, 1000, 100)))),
+                figures.progress_figure(_progress(list(range(0, 1000, 100))))):
+        axis = next(a for name, a in fig.layout.to_plotly_json().items()
+                    if name.startswith("yaxis") and (a.get("title") or {}).get("text") == "Σθ²")
+        ticks = axis["tickvals"]
+        assert ticks == [800, 1000, 1200, 1400, 1600, 1800]  # not 940, 1170, 1401, ...
+        assert axis["range"] == [ticks[0], ticks[-1]] and len(ticks) >= 3
+
+
+def test_the_progress_figure_shares_one_step_axis_over_both_panels():
+    fig = figures.progress_figure(_progress([0, 10, 100, 1000]), log_x=True)
+    assert {t.name for t in fig.data} >= {"restricted loss", "excluded loss", "Gini of W_E Fourier norms",
+                                          "sum of squared weights Σθ²"}
+    top, bottom = fig.layout.xaxis, fig.layout.xaxis2
+    assert top.matches == "x2" and top.anchor == "y" and bottom.title.text == "step (log)"  # zoom one, both follow
+    assert top.type == bottom.type == "log" and list(top.ticktext) == list(bottom.ticktext) == ["10", "20", "50", "100",
+                                                                                                  "200", "500", "1000"]
+
+
+def test_heads_bars_have_y_titles_and_pair_grids_are_square():
+    table = pd.DataFrame({"component": ["none", "L0H0", "L0H1"], "loss": [0.1, 0.5, 0.2], "accuracy": [1.0, 0.6, 0.9],
+                          "delta_loss": [0.0, 0.4, 0.1], "delta_accuracy": [0.0, -0.4, -0.1]})
+    fig = figures.ablation_figure(table)
+    assert fig.layout.yaxis.title.text.startswith("Δ loss") and fig.layout.yaxis2.title.text.startswith("Δ accuracy")
+    grid = figures.modular_grid_figure(np.random.default_rng(0).random((2, 2, 7, 7)))
+    anchors = [grid.layout[f"yaxis{i if i > 1 else ''}"].scaleanchor for i in range(1, 5)]
+    assert anchors == ["x", "x2", "x3", "x4"] and grid.layout.yaxis.scaleratio == 1
+
+
+def test_grok_step_colour_bar_has_several_ticks_on_a_narrow_range():
+    from test_sweep_view import members_table
+
+    narrow = members_table([(1e-3, 0.1, 0, "grokking", 200), (1e-3, 1.0, 0, "grokking", 400),
+                            (1e-2, 0.1, 0, "grokking", 300), (1e-2, 1.0, 0, "grokking", 350)])
+    bar = figures.grok_steps_figure(narrow, "train.weight_decay", "train.lr").data[1].colorbar
+    assert list(bar.ticktext) == ["200", "300", "400", "500"]
+
+
 def test_prefetcher_computes_ahead_in_order_and_keeps_errors():
     from dashboard.background import Prefetcher, by_distance
 
@@ -260,6 +350,72 @@ def test_runs_page_lists_runs_and_draws_their_curves(runs, app):
     select_runs(at, ["ab"]).run()
     (spec,) = specs(at)
     assert not any(name.startswith("mod23") for name in trace_names(spec))
+
+
+def ticked(at, sent: bool = False) -> list[str]:
+    """The runs whose rows the Runs table ticks: its selection (as the browser also has it); with `sent`, the
+    selection the page sent the browser in this run (to tick rows the user did not tick: sidebar, filter)."""
+    table = at.dataframe[0]
+    if sent:
+        rows = json.loads(table.proto.selection_state)["selection"]["rows"] if table.proto.selection_state else None
+        assert rows is not None, "the page sent the table no selection"
+    else:
+        rows = at.session_state["runs_table"]["selection"]["rows"]
+    return [table.value["name"][i] for i in rows]
+
+
+def tick(at, names: list[str]):
+    """Tick exactly these rows, as the browser does: the table's selection sent with the next rerun (a widget
+    state of JSON rows; AppTest has no call for a table's ticks, so the state is built here)."""
+    from streamlit.proto.WidgetStates_pb2 import WidgetState
+
+    table = at.dataframe[0]
+    rows = [i for i, name in enumerate(table.value["name"]) if name in names]
+    states = at._tree.get_widget_states()
+    states.widgets.append(WidgetState(id=table.proto.id, string_value=json.dumps({"selection": {"rows": rows, "columns": []}})))
+    return at._run(states)
+
+
+def test_runs_table_ticks_and_the_sidebar_are_one_selection(runs, app, tmp_path):
+    """Ticking rows sets the sidebar's selection (and so every page's); the sidebar's runs show ticked; a
+    filter hides rows without dropping their runs from the selection; a sweep member's row names it."""
+    folder, _ = runs
+    shutil.copytree(folder, tmp_path / "runs")
+    members = tmp_path / "runs" / "wd-sweep"
+    (members / "weight_decay0.1-seed0").parent.mkdir()
+    (members / "sweep.json").write_text("{}")
+    for member in ("weight_decay0.1-seed0", "weight_decay1.0-seed0"):
+        shutil.copytree(folder / "mod23", members / member)
+    at = app(tmp_path / "runs").run()
+    no_exception(at)
+    table = at.dataframe[0].value.set_index("name")
+    assert table.loc["wd-sweep/weight_decay1.0-seed0", "run"] == "weight_decay1.0-seed0"
+    assert table.loc["wd-sweep/weight_decay1.0-seed0", "sweep"] == "wd-sweep" and pd.isna(table.loc["ab", "sweep"])
+    columns = json.loads(at.dataframe[0].proto.columns)
+    assert columns["name"]["hidden"] and not columns["run"].get("hidden") and columns["run"]["width"] >= 220
+    assert sorted(ticked(at, sent=True)) == sorted(at.sidebar.multiselect(key="selected_runs").value)
+    assert "4 of 4 runs shown" in " ".join(c.value for c in at.caption)
+
+    tick(at, ["mod23", "wd-sweep/weight_decay0.1-seed0"])
+    no_exception(at)
+    assert at.sidebar.multiselect(key="selected_runs").value == ["mod23", "wd-sweep/weight_decay0.1-seed0"]
+    assert sorted(ticked(at)) == ["mod23", "wd-sweep/weight_decay0.1-seed0"]
+    (spec,) = specs(at)
+    assert {n.rsplit(" ", 1)[0] for n in trace_names(spec)} == {"mod23", "wd-sweep/weight_decay0.1-seed0"}
+    at = goto(at, "curves")
+    assert {n.rsplit(" ", 1)[0] for n in trace_names(specs(at)[0])} == {"mod23", "wd-sweep/weight_decay0.1-seed0"}
+
+    at = goto(at, "runs")
+    select_runs(at, ["ab", "mod23"]).run()
+    assert sorted(ticked(at, sent=True)) == ["ab", "mod23"]  # the sidebar's runs show ticked
+    at.text_input(key="runs_filter").set_value("sweep").run()
+    assert ticked(at, sent=True) == []  # neither selected run is shown ...
+    tick(at, ["wd-sweep/weight_decay1.0-seed0"])
+    assert at.sidebar.multiselect(key="selected_runs").value == ["ab", "mod23", "wd-sweep/weight_decay1.0-seed0"]  # ... nor dropped
+    tick(at, [])
+    assert at.sidebar.multiselect(key="selected_runs").value == ["ab", "mod23"]
+    at.text_input(key="runs_filter").set_value("").run()
+    assert sorted(ticked(at, sent=True)) == ["ab", "mod23"]
 
 
 def same_figure(spec: dict, fig) -> None:
@@ -342,7 +498,7 @@ def test_attention_page_a_and_b_sentence_and_checkpoint(runs, app):
     at.text_input(key="attn_text").set_value(long).run()
     no_exception(at)
     strip = next(s for s in specs(at) if "reads" in s["layout"]["title"]["text"])
-    assert strip["layout"]["xaxis"]["ticktext"] == ["<cls>", *long] and arr(strip["data"][0]["z"]).shape == (4, 49)
+    assert strip["layout"]["xaxis"]["ticktext"] == ["<br><cls>", *long] and arr(strip["data"][0]["z"]).shape == (4, 49)
     same_figure(strip, lab.plot_read_attention(lab.load_run(made["ab"]), long))
     grid = _attention_spec(at)
     assert grid["layout"]["height"] >= 4 * 49 * figures.MIN_CELL_PX  # one head per row, cells >= MIN_CELL_PX
@@ -378,22 +534,69 @@ def test_attention_page_modular_pair_and_grid(runs, app):
     assert _attention_spec(at)["layout"]["yaxis"]["ticktext"] == ["11", "7", "="]
 
 
+def computing(at) -> bool:
+    return any("in the background" in i.value for i in at.info)
+
+
+def when_computed(at, timeout_s: float = TIMEOUT):
+    """Rerun the page until its background work is done (the browser's page polls by itself; AppTest does not)."""
+    deadline = time.monotonic() + timeout_s
+    while computing(at) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        at.run()
+    assert not computing(at), "the background work did not finish"
+    return at
+
+
+def test_a_page_answers_at_once_for_a_run_nobody_analysed(runs, app, tmp_path):
+    """The Progress page does not compute every checkpoint's measures before drawing: it says they are being
+    computed in the background, and draws them (the same as lab.plot_progress) once they are."""
+    from lab.analysis.progress import CACHE_FILE
+
+    folder, _ = runs
+    shutil.copytree(folder / "mod23", tmp_path / "mod23")
+    (tmp_path / "mod23" / CACHE_FILE).unlink(missing_ok=True)
+    at = goto(app(tmp_path).run(), "progress")
+    no_exception(at)
+    assert computing(at) and not errors(at)
+    assert not any("restricted" in s["layout"]["title"]["text"] for s in specs(at))
+    at = when_computed(at)
+    no_exception(at)
+    assert (tmp_path / "mod23" / CACHE_FILE).is_file()  # kept for the next visit
+    assert any("restricted" in s["layout"]["title"]["text"] for s in specs(at))
+
+
 def test_progress_measures_page(runs, app):
     folder, _ = runs
     at = app(folder).run()
-    at = goto(at, "progress")
+    at = when_computed(goto(at, "progress"))
     no_exception(at)
     assert not errors(at)
     titles = [s["layout"]["title"]["text"] for s in specs(at)]
-    assert any("Restricted" in t for t in titles) and any("Gini" in t for t in titles)
     assert any("Fourier norms" in t for t in titles)
-    losses = next(s for s in specs(at) if "Restricted" in s["layout"]["title"]["text"])
-    assert {"restricted loss", "excluded loss", "test loss"} <= set(trace_names(losses))
-    steps = arr(losses["data"][0]["x"])
+    # one figure over training, both panels (losses; Gini and Σθ²): the one lab.plot_progress returns
+    measures = next(s for s in specs(at) if "restricted and excluded loss" in s["layout"]["title"]["text"])
+    assert {"restricted loss", "excluded loss", "test loss", "Gini of W_E Fourier norms",
+            "sum of squared weights Σθ²"} <= set(trace_names(measures))
+    steps = arr(measures["data"][0]["x"])
     assert list(steps) == lab_checkpoint_steps(folder / "mod23")
-    same_figure(losses, lab.plot_progress(lab.load_run(folder / "mod23")))
+    same_figure(measures, lab.plot_progress(lab.load_run(folder / "mod23")))
     fourier = next(s for s in specs(at) if "Fourier norms" in s["layout"]["title"]["text"])
     same_figure(fourier, lab.plot_fourier_norms(lab.load_run(folder / "mod23")))
+
+
+def test_progress_page_switches_to_the_transformer_lens_demo_definition(runs, app):
+    folder, _ = runs
+    at = when_computed(goto(app(folder).run(), "progress"))
+    assert at.radio(key="progress_definition").value == "paper"
+    at = when_computed(at.radio(key="progress_definition").set_value("tl_demo").run())
+    no_exception(at)
+    measures = next(s for s in specs(at) if "restricted and excluded loss" in s["layout"]["title"]["text"])
+    restricted = next(trace for trace in measures["data"] if trace.get("name") == "restricted loss")
+    demo = lab.progress_measures(lab.load_run(folder / "mod23"), definition="tl_demo")
+    paper = lab.progress_measures(lab.load_run(folder / "mod23"))
+    assert np.allclose(arr(restricted["y"]), demo["restricted_loss"])
+    assert not np.allclose(arr(restricted["y"]), paper["restricted_loss"])
 
 
 def lab_checkpoint_steps(path):
@@ -509,6 +712,24 @@ def test_dashboard_command_refuses_a_busy_port_in_one_line(capsys):
         assert main(["dashboard", "--port", str(port)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"port {port}" in err and "already in use" in err
+
+
+def test_a_port_whose_server_just_stopped_is_free_again():
+    """A dashboard stopped a moment ago leaves its closed connections in TIME_WAIT for a minute; restarting
+    it on the same port must not be refused (the server itself binds with SO_REUSEADDR)."""
+    from lab.dashboard_server import check_port_free
+
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Streamlit's server (uvicorn) binds
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        served, _ = listener.accept()
+        served.close()  # the server's side closes first: its port keeps a TIME_WAIT connection
+        client.close()
+    time.sleep(0.2)
+    check_port_free("127.0.0.1", port)  # raises DashboardError("port ... already in use") without SO_REUSEADDR
 
 
 def _free_port() -> int:

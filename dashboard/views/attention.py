@@ -10,6 +10,7 @@ import streamlit as st
 import lab
 from dashboard import background, display, downloads, loading, selection
 from lab import plots
+from lab.models.prediction import probability_text
 
 st.title("Attention")
 
@@ -82,7 +83,7 @@ def patterns(run, step: int, text: str, figs: dict) -> None:
     answer = task.label_names[task.label(result.token_ids)]
     cols = st.columns(3)
     cols[0].metric("Prediction", result.prediction)
-    cols[1].metric("Probability", f"{result.probability:.4f}")
+    cols[1].metric("Probability", probability_text(result.probability))
     right = answer == result.prediction
     cols[2].metric("Correct answer", answer, delta="model is right" if right else "model is wrong",
                    delta_color="green" if right else "red", delta_arrow="off")

@@ -6,6 +6,7 @@ import streamlit as st
 
 from dashboard import display, downloads, loading, selection, state
 from lab import plots
+from lab.runs.outcomes import reached_text
 
 st.title("Curves")
 paths = selection.selected_paths()
@@ -49,8 +50,9 @@ def curves() -> None:
     display.chart(figs["weight norm"], key="curves_weight_norm")
     lines = []
     for name, ev in events.items():
-        lines.append(f"**{name}**: {ev.get('status', '?')}, memorized at {ev.get('memorize_step') or '—'}, "
-                     f"grokked at {ev.get('grok_step') or '—'}")
+        ran = ev.get("step")
+        lines.append(f"**{name}**: {ev.get('status', '?')}, {reached_text('memorized', ev.get('memorize_step'), ran)}, "
+                     f"{reached_text('grokked', ev.get('grok_step'), ran)}")
     st.caption("Markers: ● memorized (train accuracy ≥ 99%), ★ grokked (test accuracy ≥ 99%). "
                + ("Step 0 is not shown on a log axis. " if log_x else "") + " · ".join(lines))
     st.session_state["_curves_figures"] = figs

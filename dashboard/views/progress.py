@@ -12,7 +12,10 @@ from lab.analysis.progress import fourier_at
 st.title("Progress measures")
 st.caption("Nanda et al. 2023: the model learns a few key frequencies; restricted loss (only those) falls before "
            "test loss does, excluded loss (all but those) rises, and the Gini coefficients of the Fourier norms grow "
-           "as the embedding becomes sparse in the Fourier basis.")
+           "as the embedding becomes sparse in the Fourier basis. By default the paper's definitions, as its notebook "
+           "computes them: the key frequencies are every neuron's best frequency at the last checkpoint; restricted "
+           "loss keeps only their cos/sin(w(a+b)) terms of the logits and is scored on all p² pairs, excluded loss "
+           "removes them and is scored on the train pairs.")
 
 
 def _stamp(run) -> tuple:
@@ -21,10 +24,11 @@ def _stamp(run) -> tuple:
     return tuple(steps), loading.checkpoint_stamp(run, steps[-1]) if steps else None
 
 
-@st.cache_data(show_spinner="Computing progress measures over every checkpoint (cached in the run folder)…",
-               max_entries=32)
-def measures(_run, path: str, stamp):
-    return lab.progress_measures(_run, progress=False)
+@st.cache_resource(show_spinner=False, max_entries=32)
+def measures(_run, path: str, stamp, definition: str = "paper"):
+    """lab.progress_measures, on the background thread: for a run nobody analysed it reads every checkpoint
+    (15 s for modadd_quick), and the page answers at once with a notice instead (display.when_ready)."""
+    return background.submit(lambda: lab.progress_measures(_run, progress=False, definition=definition))
 
 
 def _fourier(run, step: int):
@@ -55,12 +59,22 @@ figs: dict = {}
 with display.guard(run.name):
     if not loading.checkpoint_steps(run):
         raise display.PageError("no checkpoint yet; progress measures appear once training has saved one")
-    df = measures(run, str(run.path), _stamp(run))
+    definition = st.radio("Definition", ["paper", "tl_demo"], horizontal=True, key="progress_definition",
+                          format_func={"paper": "the paper's (logits; restricted on all pairs)",
+                                       "tl_demo": "TransformerLens demo (neurons through W_L; restricted on test)"}.get,
+                          help="paper: Nanda et al.'s notebook projects the logits onto the key frequencies' "
+                               "cos/sin(w(a+b)). tl_demo: TransformerLens's Grokking demo projects the neuron "
+                               "activations and passes them through W_out W_U, so the direct and attention paths' "
+                               "key-frequency terms stay in the excluded logits; its restricted loss is on the test split.")
+    df = display.when_ready(measures(run, str(run.path), _stamp(run), definition),
+                            f"Computing the progress measures over {len(loading.checkpoint_steps(run))} checkpoints of "
+                            f"{run.name} in the background; they appear here when ready, and are kept in the run "
+                            "folder (`lab analyze RUN` computes them ahead).")
+    if df is None:
+        st.stop()
     log_x = st.toggle("log x", value=False, key="progress_log_x")
-    figs["losses"] = plots.progress_losses_figure(df, log_x=log_x)
-    figs["gini and weights"] = plots.progress_measures_figure(df, log_x=log_x)
-    display.chart(figs["losses"], key="progress_losses")
-    display.chart(figs["gini and weights"], key="progress_gini")
+    figs["progress measures"] = plots.progress_figure(df, log_x=log_x)  # the figure `lab.plot_progress(run)` returns
+    display.chart(figs["progress measures"], key="progress_measures")
 
     st.subheader("Fourier basis at a checkpoint")
     step = selection.pick_step(run, key="progress_step")

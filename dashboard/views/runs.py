@@ -17,39 +17,44 @@ def _hidden(column: dict) -> dict:
     return {**column, "hidden": True}
 
 
-# Widths in pixels, so that every column fits beside the sidebar on a laptop screen (1366 px).
+# Widths in pixels, so that every column fits beside the sidebar on a laptop screen (1366 px): the run
+# column is wide enough for a sweep member's name (its values and seed, e.g. init_scale2.0-weight_decay1.0-seed1),
+# which is what tells the members apart; "updated" is left out at first to make room (the rows are newest first).
 COLUMNS = {
-    "name": st.column_config.TextColumn("run", width=116),
-    "task": st.column_config.TextColumn("task", width=64),
+    "name": None,  # SWEEP/MEMBER, the name the sidebar shows: the data behind the two columns below, not drawn
+    "sweep": st.column_config.TextColumn("sweep", width=70, help="the sweep this run is a member of"),
+    "run": st.column_config.TextColumn("run", width=222, help="the run's name; for a sweep member, its name in "
+                                       "the sweep (its values and seed). The sidebar shows SWEEP/MEMBER."),
+    "task": st.column_config.TextColumn("task", width=62),
     "arch": _hidden(st.column_config.TextColumn("arch", width=60, help="model.arch: transformer, mlp, cnn or linear")),
     "n_params": _hidden(st.column_config.NumberColumn("params", format="%d", width=60, help="trained parameters")),
-    "p": st.column_config.NumberColumn("p", format="%d", width=38),
-    "operator": st.column_config.TextColumn("op", width=38),
-    "train_frac": st.column_config.NumberColumn("frac", format="%.2f", width=46, help="training fraction"),
+    "p": st.column_config.NumberColumn("p", format="%d", width=34),
+    "operator": st.column_config.TextColumn("op", width=36),
+    "train_frac": st.column_config.NumberColumn("frac", format="%.2f", width=42, help="training fraction"),
     "weight_decay": st.column_config.NumberColumn("wd", format="%g", width=44, help="weight decay"),
-    "lr": st.column_config.NumberColumn("lr", format="%g", width=52, help="learning rate"),
+    "lr": st.column_config.NumberColumn("lr", format="%g", width=46, help="learning rate"),
     "layers": _hidden(st.column_config.NumberColumn("layers", format="%d", width=52)),
     "heads": _hidden(st.column_config.NumberColumn("heads", format="%d", width=52)),
-    "status": st.column_config.TextColumn("status", width=66),
-    "step": st.column_config.NumberColumn("step", format="%d", width=52, help="the last step trained"),
+    "status": st.column_config.TextColumn("status", width=70),
+    "step": st.column_config.NumberColumn("step", format="%d", width=44, help="the last step trained"),
     "steps": _hidden(st.column_config.NumberColumn("of", format="%d", width=52, help="steps planned")),
-    "memorize_step": st.column_config.NumberColumn("mem. at", format="%d", width=60,
-                                                   help="first step with train accuracy >= 99%"),
-    "grok_step": st.column_config.NumberColumn("grok at", format="%d", width=60,
-                                               help="first step with test accuracy >= 99%"),
-    "train_acc": st.column_config.NumberColumn("train", format="%.3f", width=56, help="train accuracy"),
-    "test_acc": st.column_config.NumberColumn("test", format="%.3f", width=56, help="test accuracy"),
-    "updated_at": st.column_config.DatetimeColumn("updated", format="distance", width=124,
-                                                  help="when the run last wrote its summary"),
+    "memorize_step": st.column_config.NumberColumn("mem.", format="%d", width=54,
+                                                   help="memorised at: the first step with train accuracy >= 99%; "
+                                                        "— if none within the steps trained (the step column)"),
+    "grok_step": st.column_config.NumberColumn("grok at", format="%d", width=54,
+                                               help="first step with test accuracy >= 99%; — if none within the "
+                                                    "steps trained (the step column): not grokked, not a value"),
+    "train_acc": st.column_config.NumberColumn("train", format="%.3f", width=46, help="train accuracy"),
+    "test_acc": st.column_config.NumberColumn("test", format="%.3f", width=46, help="test accuracy"),
+    "updated_at": _hidden(st.column_config.DatetimeColumn("updated", format="distance", width=124,
+                                                          help="when the run last wrote its summary")),
     "error": st.column_config.TextColumn("problem", width=240),
 }
 
 
-def _on_select() -> None:
-    names = st.session_state.get("_table_names", [])
-    rows = st.session_state["runs_table"].selection.rows
-    st.session_state[state.SELECTED] = [names[i] for i in rows if i < len(names)]
-    st.session_state[state.SELECTION_TOUCHED] = True
+TABLE = "runs_table"
+MAX_ROWS = 20  # rows drawn without scrolling inside the table; more scroll (and the caption says so)
+ROW_PX = 35  # Streamlit's row height (the header is one row too)
 
 
 rows = state.rows()
@@ -72,6 +77,7 @@ statuses = cols[2].multiselect("Status", sorted(rows["status"].dropna().unique()
 
 @st.fragment(run_every=selection.live_interval())
 def runs_table() -> None:
+    selection.rerun_if_ticked()
     table = loading.run_rows()
     st.session_state[state.ROWS] = table
     if query:
@@ -81,12 +87,17 @@ def runs_table() -> None:
     if statuses:
         table = table[table["status"].isin(statuses)]
     table = table.reset_index(drop=True)
-    st.session_state["_table_names"] = list(table["name"])
+    table.insert(2, "run", [name.removeprefix(f"{sweep}/") if isinstance(sweep, str) else name
+                            for name, sweep in zip(table["name"], table["sweep"])])
     shown = [c for c in COLUMNS if c != "error" or table["error"].notna().any()]
-    st.dataframe(table[shown], column_config=COLUMNS, hide_index=True, key="runs_table", placeholder=MISSING,
-                 on_select=_on_select, selection_mode="multi-row", width="stretch")
+    selection.sync_table(TABLE, list(table["name"]))
+    height = "content" if len(table) <= MAX_ROWS else ROW_PX * (MAX_ROWS + 1) + 3
+    st.dataframe(table[shown], column_config=COLUMNS, hide_index=True, key=TABLE, placeholder=MISSING,
+                 on_select=lambda: selection.on_ticks(TABLE), selection_mode="multi-row", width="stretch",
+                 height=height)
     n_running = int((table["status"] == "running").sum())
-    st.caption(f"{len(table)} of {len(state.rows())} runs shown. Click a header to sort; tick rows to select "
+    scroll = f" (scroll inside the table for the other {len(table) - MAX_ROWS})" if len(table) > MAX_ROWS else ""
+    st.caption(f"{len(table)} of {len(state.rows())} runs shown{scroll}. Click a header to sort; tick rows to select "
                "runs (the selection is in the sidebar and carries to every page)."
                + (f" {n_running} still training: this table refreshes every {selection.LIVE_REFRESH_S:g} s." if n_running else ""))
 

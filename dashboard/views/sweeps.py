@@ -13,6 +13,7 @@ import streamlit as st
 import lab
 from dashboard import display, downloads, loading, selection, state
 from lab import plots
+from lab.sweeps import stats as lab_stats
 
 st.title("Sweeps")
 
@@ -60,12 +61,19 @@ def members_table(path: str, stamp: tuple, train_acc: float, test_acc: float, ga
     return plots.sweep_members(lab.load_sweep(path), train_acc=train_acc, test_acc=test_acc, gap=gap, budget=budget)
 
 
+def sweep_command(folder: Path) -> str:
+    """The command that starts an example sweep into `folder`, one argument per line so that it fits its
+    box; `--runs-dir` only when `folder` is not ./runs (where `lab sweep` writes by default)."""
+    lines = ["lab sweep modadd_quick", "--grid train.weight_decay=0.3,1,3", "--grid task.train_frac=0.3,0.5", "--seeds 2"]
+    if Path(folder).resolve() != Path("runs").resolve():
+        lines.append(f"--runs-dir {folder}")
+    return " \\\n    ".join(lines)
+
+
 def no_sweeps_message() -> None:
     folder = loading.runs_dir()
-    runs_dir = f" --runs-dir {folder}" if str(folder) != "runs" else ""
     st.info(
-        f"No sweeps in `{folder}` yet. Start one in a terminal, e.g.\n\n"
-        f"```\nlab sweep modadd_quick --grid train.weight_decay=0.3,1,3 --grid task.train_frac=0.3,0.5 --seeds 2{runs_dir}\n```\n\n"
+        f"No sweeps in `{folder}` yet. Start one in a terminal, e.g.\n\n```\n{sweep_command(folder)}\n```\n\n"
         "or one of the reproductions: `lab sweep liu_2022_phase`, `lab sweep power_2022_fractions`. "
         "It appears here as soon as it starts; this page refreshes by itself."
     )
@@ -146,6 +154,28 @@ def _selected_cell(event, chart: str) -> tuple[int, int] | None:
     return pick
 
 
+def cell_members_table(rows: pd.DataFrame, gap: float, train_acc: float, test_acc: float) -> pd.DataFrame:
+    """A cell's members as the page lists them: the phase with the rule that decided it, the steps as
+    text ("> 600" for a step never reached within the run, never a number or None), the accuracies."""
+    shown = lab_stats.members_text(rows)
+    shown["why"] = [lab_stats.phase_reason(r.t_train, r.t_test, gap, train_acc, test_acc, r.phase)
+                    for r in rows.itertuples()]
+    columns = ["member", "phase", "why", "memorize_step", "grok_step"]
+    return shown[[c for c in columns if c in shown]]
+
+
+def cell_members_columns(thresholds: str) -> dict:
+    """Widths (px) that fit the page's column (~700 px) with the full names: nothing cut on the right."""
+    return {
+        "member": st.column_config.TextColumn("member", width=240),
+        "phase": st.column_config.TextColumn("phase", width=100, help=f"Liu et al. 2022, Table 1: {thresholds}"),
+        "why": st.column_config.TextColumn("why this phase", width=210,
+                                           help="the steps at which train and test accuracy crossed the thresholds"),
+        "memorize_step": st.column_config.TextColumn("memorised", width=70, help="first step with train acc ≥ 99%"),
+        "grok_step": st.column_config.TextColumn("grokked", width=70, help="first step with test acc ≥ 99%"),
+    }
+
+
 def _select_members(paths: list[str]) -> None:
     names = [f"{name}/{Path(p).name}" for p in paths]
     st.session_state[state.SELECTED] = names
@@ -195,16 +225,18 @@ def sweep_view() -> None:
         picked = cells.iloc[labels.index(st.session_state.get("sweeps_cell", labels[0]))]
         titles = plots.sweep_titles(name, x, y)
         figs["phase diagram"] = plots.phase_diagram_figure(shown, x, y, thresholds=thresholds, title=titles["phase diagram"],
-                                                           highlight=(picked["x"], picked["y"]))
+                                                           highlight=(picked["x"], picked["y"]), gap=gap,
+                                                           train_acc=train_acc, test_acc=test_acc)
         figs["grok steps"] = plots.grok_steps_figure(shown, x, y, title=titles["grok steps"],
                                                      highlight=(picked["x"], picked["y"]))
         for chart, key in CELL_CHARTS.items():
             st.plotly_chart(figs[chart], key=key, on_select="rerun", selection_mode=("points", "box"),
                             config={"displaylogo": False})
         st.caption("Cells show the majority phase of their finished members and how many share it (ties go to the "
-                   "phase listed first); hover a cell for its members, click one to open their curves below. "
-                   "Grok step: first step with test acc ≥ 99%; grey cells: the median member never grokked within its "
-                   "steps (“> N”: capped at the budget); “(k ✗)”: members that never grokked.")
+                   "phase listed first); hover a cell for its members and the rule that gave each its phase, click one "
+                   "to open their curves below. Grok step: first step with test acc ≥ 99%; a member that never grokked "
+                   "is later than the steps it ran, never a number: grey cells read “> N” where the median depends on "
+                   "such members (N: its lower bound); “(k ✗)”: members that never grokked.")
 
     # an outcome against one axis, median and spread over seeds
     st.subheader("Outcome against one axis")
@@ -227,8 +259,10 @@ def sweep_view() -> None:
         figs["outcome"] = plots.sweep_outcome_figure(table, axis, outcome, by=by, spread=spread, title=title)
         display.chart(figs["outcome"], key="sweeps_outcome_chart")
         st.caption(f"Line: median over the members at each value (seeds and every axis not drawn pooled); band: "
-                   f"{SPREADS[spread]}. A step never reached counts at the member's step budget (hollow marker: the "
-                   "median is then a lower bound). Power et al.'s Figure 1: grok step against `task.train_frac`; "
+                   f"{SPREADS[spread]}. A step never reached is censored: later than the steps the member ran "
+                   "(hollow marker: some members never reached it; open ▲: the median itself is censored, drawn at its "
+                   "lower bound; hover for “> N”). Unfinished members are left out. "
+                   "Power et al.'s Figure 1: grok step against `task.train_frac`; "
                    "Figure 2: best test acc against `task.train_frac`, one line per operator.")
 
     # one cell's members and their curves
@@ -239,9 +273,8 @@ def sweep_view() -> None:
         state.keep("sweeps_cell", label)
         cell = cells.iloc[labels.index(label)]
         rows = members[members["member"].isin(cell["members"])]
-        columns = ["member", "seed", "status", "phase", "t_train", "t_test", "memorize_step", "grok_step",
-                   "final_train_acc", "final_test_acc", "best_test_acc"]
-        st.dataframe(rows[[c for c in columns if c in rows]], hide_index=True, width="stretch")
+        st.dataframe(cell_members_table(rows, gap, train_acc, test_acc), hide_index=True, width="stretch",
+                     column_config=cell_members_columns(thresholds))
         paths = dict(zip(rows["member"], rows["run"]))
         metrics, events = {}, {}
         for member, run_path in paths.items():
@@ -258,7 +291,9 @@ def sweep_view() -> None:
                       on_click=_select_members, args=(list(paths.values()),))
 
     with st.expander(f"All {len(members)} members"):
-        st.dataframe(members.drop(columns=["run"], errors="ignore"), hide_index=True, width="stretch")
+        st.dataframe(lab_stats.members_text(members).drop(columns=["run"], errors="ignore"), hide_index=True,
+                     width="stretch", column_config={"phase": st.column_config.TextColumn(
+                         "phase", help=f"Liu et al. 2022, Table 1: {thresholds}")})
     st.session_state["_sweeps_figures"] = figs
 
 

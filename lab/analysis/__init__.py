@@ -6,6 +6,9 @@
 - `fourier`: the Fourier basis of Z_p, Fourier norms, key frequencies, restricted/excluded loss
   (Nanda et al. 2023).
 - `progress`: those progress measures at every checkpoint of a run, cached in the run folder.
+- `patching`, `attribution`, `logit_lens`, `circuits`: activation patching, direct logit attribution, the
+  logit lens, QK / OV circuits and composition scores, with TransformerLens's definitions.
+- `circuit_history`: a summary of those at every checkpoint, cached in the run folder (the Circuits page).
 
 The public calls are re-exported lazily as `lab.attention`, `lab.ablate_heads`, ... .
 """

@@ -24,6 +24,11 @@ class AttentionResult:
     probability: float
     step: int | None
 
+    def __repr__(self) -> str:  # readable in a REPL and a notebook: the pattern's shape, not its numbers
+        layers, heads = self.pattern.shape[:2]
+        return (f"AttentionResult({' '.join(self.tokens)!r} -> {self.prediction!r} ({self.probability:.3f}); "
+                f"pattern (layer, head, query, key) = ({layers}, {heads}, {len(self.tokens)}, {len(self.tokens)}); step {self.step})")
+
 
 def _patterns(model, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (batch, pos, vocab) and patterns stacked as (batch, layer, head, query, key)."""

@@ -1,4 +1,5 @@
-"""How much faster a sweep trains as one stacked ensemble (lab/sweeps/ensemble.py) than member after member.
+"""How much faster a sweep trains as one stacked ensemble (lab/sweeps/ensemble.py: each model's own forward,
+vmapped over the members) than member after member.
 
 Two sizes, each a 64-member sweep: 4 weight decays x 4 training fractions x 4 model seeds, full batch:
 
@@ -17,7 +18,8 @@ work either way and are not timed.
 `bench_sweep()` returns, per size: speedup_vs_sequential, member_steps_per_s (member updates per
 second in the ensemble), the two step times, and share_of_matmul_peak (the FLOPs the 64 steps must
 do, counted as `lab.bench.measure.step_flops` counts a standalone step, over the ensemble's step time,
-over the measured peak); plus restack_ms (dropping one finished member from the stack) and how
+over the measured peak); buckets (batched forwards per step: members of equal rows per step); plus
+restack_ms (dropping one finished member from the stack) and how
 many steps of the dead member's compute that copy costs (why finished members are re-stacked,
 not masked).
 """

@@ -13,15 +13,26 @@ import torch
 
 @dataclass(frozen=True, repr=False)
 class Prediction:
-    """The model's answer for one input: `label` (its name), `label_id`, `probability`, and all `probabilities`."""
+    """The model's answer for one input: `label` (its name), `label_id`, `probability`, and all `probabilities`
+    (float64: a confident model's 1 - 1e-9 is not rounded to 1, as float32 would)."""
 
     label: str
     label_id: int
     probability: float
-    probabilities: torch.Tensor  # (d_vocab_out,)
+    probabilities: torch.Tensor  # (d_vocab_out,) float64
 
     def __repr__(self) -> str:  # the answer, not the whole distribution: that is `.probabilities`
-        return f"Prediction(label={self.label!r}, label_id={self.label_id}, probability={self.probability:.4g})"
+        return (f"Prediction(label={self.label!r}, label_id={self.label_id}, "
+                f"probability={probability_text(self.probability)})")
+
+
+def probability_text(p: float) -> str:
+    """4 significant digits, and near 1 enough for 1 - p to keep two: 0.9974, 0.99999999919 (1 - 8.1e-10),
+    never "1" for a probability below 1. Only a probability that is 1 in float64 (a logit gap above ~37) reads "1"."""
+    import math
+
+    digits = 4 if p >= 1.0 or p < 0.999 else min(17, max(4, math.floor(-math.log10(1.0 - p)) + 2))
+    return f"{p:.{digits}g}"
 
 
 def encode_tokens(task, text_or_tokens, model=None) -> torch.Tensor:
@@ -76,7 +87,7 @@ def integer_list(values, what: str, expected: str = "a list of integers") -> lis
 
 def prediction_from_logits(task, logits: torch.Tensor) -> Prediction:
     """logits (d_vocab_out,) at the read position -> Prediction."""
-    probs = logits.double().softmax(-1).float()
+    probs = logits.double().softmax(-1)  # float64 throughout: see Prediction
     label_id = int(probs.argmax())
     return Prediction(task.label_names[label_id], label_id, float(probs[label_id]), probs)
 
