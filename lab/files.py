@@ -108,12 +108,12 @@ def append_jsonl(path: Path, row: dict) -> None:
 
 def read_jsonl(path: Path) -> list[dict]:
     """Every complete row (each a JSON object); a torn final line (from a killed writer) is ignored."""
-    try:
-        text = read_text(path, limit=max_metrics_bytes())
-    except RunError:
-        if not os.path.lexists(path):  # missing: no rows yet (a symlink loop or a FIFO is an error, not "missing")
-            return []
-        raise
+    # Missing: no rows yet. Checked before reading, not after a failed read: a writer may create the file
+    # in between, and a file that appears must not turn "no rows yet" into an error. (A symlink loop or
+    # a FIFO exists, so it is read, and refused, by read_text.)
+    if not os.path.lexists(path):
+        return []
+    text = read_text(path, limit=max_metrics_bytes())
     rows = []
     lines = text.split("\n")
     for number, line in enumerate(lines, start=1):

@@ -62,6 +62,23 @@ def test_forward_at_equals_forward_at_that_position(case, position, forward_refu
     torch.testing.assert_close(m.forward_at(x, position), forward_refused(m, x)[:, position], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("batch", [6, 13, 40])  # vocab^2 = 100 against batch * d_head: per-row scores, then the score table
+@pytest.mark.parametrize("positional", ["learned", "none"])
+def test_one_layer_scores_by_row_or_by_table_equal_forward(batch, positional, forward_refused):
+    """A one-layer model looks attention scores up in a (query token, key, key token) table once the
+    batch is large enough; logits and every gradient equal forward's either way."""
+    m, x = model(positional=positional), tokens(batch=batch)
+    fast = m.forward_at(x, 3)
+    slow = forward_refused(m, x)[:, 3]
+    torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
+    weights = torch.randn(fast.shape, generator=torch.Generator().manual_seed(1), dtype=fast.dtype)
+    params = list(m.parameters())
+    for name, g_fast, g_slow in zip([n for n, _ in m.named_parameters()], torch.autograd.grad((fast * weights).sum(), params, allow_unused=True),
+                                    torch.autograd.grad((slow * weights).sum(), params, allow_unused=True)):
+        if g_slow is not None:
+            torch.testing.assert_close(g_fast, g_slow, rtol=1e-10, atol=1e-12, msg=name)
+
+
 def test_the_cases_are_the_models_they_name():
     """Each case changes the model (a gelu case that silently built a relu MLP would test nothing twice)."""
     x = tokens()

@@ -20,7 +20,8 @@ def step_flops(cfg: ModelConfig, batch: int, n_pos: int, causal_keys: int | None
     Earlier layers run at every position; the last layer needs keys and values at the `causal_keys`
     positions the read position can see (all by default), and its query, attention output, MLP and
     unembedding at the read position only. A one-layer model without LayerNorm gets Q, K and V from
-    per-token and per-position tables ((d_vocab + n_pos) rows instead of batch * positions).
+    per-token and per-position tables ((d_vocab + n_pos) rows instead of batch * positions), and its
+    scores from a (query token, key position, key token) table where that table is the smaller work.
     Backward costs twice the forward (gradients of inputs and of weights; the first layer's input
     gradient is needed too, since the embeddings are trained). Element-wise work (softmax, ReLU,
     AdamW) and table look-ups are not counted.
@@ -33,7 +34,11 @@ def step_flops(cfg: ModelConfig, batch: int, n_pos: int, causal_keys: int | None
     forward = (cfg.n_layers - 1) * batch * (n_pos * per_position_full + scores_full)
     if cfg.n_layers == 1 and cfg.normalization == "none":
         forward += (cfg.d_vocab + n_pos) * 2 * d * 3 * he  # the Q, K, V tables
-        last = 2 * 2 * h * e * keys + 2 * he * d + mlp
+        if cfg.d_vocab * cfg.d_vocab <= batch * e:  # scores from a (query token, key, key token) table
+            forward += 2 * cfg.d_vocab * keys * cfg.d_vocab * he
+            last = 2 * h * e * keys + 2 * he * d + mlp  # pattern·v per row; q·k is looked up
+        else:
+            last = 2 * 2 * h * e * keys + 2 * he * d + mlp
     else:
         last = keys * 2 * d * 2 * he + 2 * d * he + 2 * 2 * h * e * keys + 2 * he * d + mlp
     forward += batch * (last + 2 * d * cfg.d_vocab_out)

@@ -264,7 +264,8 @@ class Transformer(HookedRootModule):
 # - `read_at`: the earlier blocks run as usual (every position feeds the last block's keys and
 #   values); in the last block, keys and values only at the positions the query can see, K and V
 #   fused into one 2-D matmul, and the query at that one position; for one layer without LayerNorm,
-#   Q, K and V are looked up in per-token and per-position tables (and for analyses of one layer
+#   Q, K and V come from per-token and per-position tables, and for large batches the attention
+#   scores from a (query token, key position, key token) table (and for analyses of one layer
 #   without positions over inputs longer than the vocabulary, attention is summed per token:
 #   `_read_at_by_rows`). It returns the residual stream entering the last block there, each head's
 #   `z` there and the attention row (`ReadAt`).
@@ -342,7 +343,7 @@ def _read_at(model: Transformer, tokens: torch.Tensor, position: int, key_paddin
         return _read_at_by_rows(model, tokens, pos, n_keys, key_padding)
     if len(model.blocks) == 1 and isinstance(block.ln1, nn.Identity):
         # one layer, no LayerNorm: attention reads embeddings straight from per-token tables
-        k, v, q = _qkv_at_from_tokens(block.attn, model.W_E, model.W_pos, tokens, pos, n_keys)
+        scores, v = _scores_v_from_tokens(block.attn, model.W_E, model.W_pos, tokens, pos, n_keys)
         resid_at = F.embedding(tokens[:, pos], model.W_E)  # (batch, d_model)
         if model.W_pos is not None:
             resid_at = resid_at + model.W_pos[pos]
@@ -353,8 +354,9 @@ def _read_at(model: Transformer, tokens: torch.Tensor, position: int, key_paddin
         for earlier in model.blocks[:-1]:
             resid = earlier(resid, key_padding)
         k, v, q = _qkv_at(block.attn, block.ln1(resid), pos, n_keys)
+        scores = (k * q).sum(-1) / math.sqrt(k.shape[-1])  # (batch, key, head)
         resid_at = resid[:, pos]  # (batch, d_model)
-    z, pattern = _attend_at(k, v, q, key_padding)
+    z, pattern = _attend_at(scores, v, key_padding)
     return ReadAt(resid_at, z, pattern)
 
 
@@ -391,23 +393,40 @@ def _qkv_at(attn: Attention, x: torch.Tensor, pos: int, n_keys: int) -> tuple[to
     return k, v, q
 
 
-def _qkv_at_from_tokens(attn: Attention, W_E: torch.Tensor, W_pos: torch.Tensor | None, tokens: torch.Tensor,
-                        pos: int, n_keys: int) -> tuple[torch.Tensor, ...]:
-    """`_qkv_at` for a first layer without LayerNorm, whose input is W_E[token] + W_pos[position]:
-    (W_E[t] + W_pos[i]) W = (W_E W)[t] + (W_pos W)[i], so Q, K and V are looked up in per-token
-    and per-position tables (vocab + n_ctx rows) instead of multiplied out for every batch row."""
+def _scores_v_from_tokens(attn: Attention, W_E: torch.Tensor, W_pos: torch.Tensor | None, tokens: torch.Tensor,
+                          pos: int, n_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention scores (batch, key, head) and values (batch, key, head, d_head) at `pos` for a first
+    layer without LayerNorm, whose input is W_E[token] + W_pos[position]: (W_E[t] + W_pos[i]) W =
+    (W_E W)[t] + (W_pos W)[i], so Q, K and V are per-token plus per-position tables (vocab + n_ctx
+    rows), and a query's score against a key depends only on (query token, key position, key token):
+    scores are looked up in that (vocab, key, vocab, head) table instead of multiplied out for every
+    batch row (per-row q * k products were a fifth of a vmapped sweep step). It is used when it has no
+    more entries than those products (vocab^2 * key * head <= batch * key * head * d_head): it is then
+    one small matmul against several memory-bound passes over (batch, key, head, d_head)."""
     n_heads, d_model, d_head = attn.W_Q.shape
-    batch, he = tokens.shape[0], n_heads * d_head
+    (batch, _), vocab, he = tokens.shape, W_E.shape[0], n_heads * d_head
     W_QKV, b_QKV = _fused_qkv(attn)
     token_table = torch.addmm(b_QKV, W_E, W_QKV)  # (vocab, 3 * he)
-    q = F.embedding(tokens[:, pos], token_table[:, :he])  # (batch, he)
-    kv = F.embedding(tokens[:, :n_keys], token_table[:, he:])  # (batch, key, 2 * he)
+    q_table = token_table[:, :he]  # (vocab, he): the query of each token at `pos`
+    k_table = token_table[None, :, he:2 * he].expand(n_keys, vocab, he)  # (key, vocab, he)
+    v = F.embedding(tokens[:, :n_keys], token_table[:, 2 * he:])  # (batch, key, he)
     if W_pos is not None:
         pos_table = W_pos[:n_keys] @ W_QKV  # (key, 3 * he)
-        q = q + pos_table[pos, :he]
-        kv = kv + pos_table[:, he:]
-    k, v = kv.view(batch, n_keys, 2, n_heads, d_head).unbind(2)  # each (batch, key, head, d_head)
-    return k, v, q.view(batch, 1, n_heads, d_head)
+        q_table = q_table + pos_table[pos, :he]
+        k_table = k_table + pos_table[:, None, he:2 * he]  # each key position's own keys
+        v = v + pos_table[:, 2 * he:]
+    if vocab * vocab > batch * d_head:  # a table larger than the per-row products it would replace
+        q = F.embedding(tokens[:, pos], q_table).view(batch, 1, n_heads, d_head)
+        # key row of (position i, token t) = k_table[i, t]: (batch, key, head, d_head)
+        k = k_table[torch.arange(n_keys, device=tokens.device), tokens[:, :n_keys]].view(batch, n_keys, n_heads, d_head)
+        scores = (k * q).sum(-1) / math.sqrt(d_head)  # (batch, key, head)
+    else:
+        score_table = einsum(q_table.view(vocab, n_heads, d_head), k_table.reshape(n_keys, vocab, n_heads, d_head),
+                             "query head d_head, key token head d_head -> query key token head") / math.sqrt(d_head)
+        # each (row, key)'s entry of the flattened table: query token, then key position, then key token
+        entry = (tokens[:, pos, None] * n_keys + torch.arange(n_keys, device=tokens.device)) * vocab + tokens[:, :n_keys]
+        scores = F.embedding(entry, score_table.reshape(-1, n_heads))  # (batch, key, head)
+    return scores, v.view(batch, n_keys, n_heads, d_head)
 
 
 def _fused_qkv(attn: Attention) -> tuple[torch.Tensor, torch.Tensor]:
@@ -448,11 +467,11 @@ def _read_at_by_rows(model: Transformer, tokens: torch.Tensor, pos: int, n_keys:
     return ReadAt(model.W_E[ids[:, pos]], z, pattern)
 
 
-def _attend_at(k: torch.Tensor, v: torch.Tensor, q: torch.Tensor,
+def _attend_at(scores: torch.Tensor, v: torch.Tensor,
                key_padding: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One query per row attends over its keys: z (batch, head, d_head) and the pattern (batch, head, key)."""
-    n_keys, d_head = k.shape[1], k.shape[-1]
-    scores = (k * q).sum(-1) / math.sqrt(d_head)  # (batch, key, head)
+    """One query per row attends over its keys' scores (batch, key, head) and values (batch, key, head,
+    d_head): z (batch, head, d_head) and the pattern (batch, head, key)."""
+    n_keys = scores.shape[1]
     if key_padding is not None:
         scores = scores.masked_fill(key_padding[:, :n_keys, None], float("-inf"))  # (batch, key, 1)
     pattern = scores.softmax(dim=1)  # over keys
