@@ -36,7 +36,7 @@ class ModelConfig(StrictModel):
     # ladder perceptron -> MLP -> CNN -> transformer. d_model is every architecture's embedding width;
     # each keeps its own width fields, so one TOML holds them all and a sweep over `arch` alone
     # compares matched budgets.
-    arch: Literal["transformer", "mlp", "cnn", "linear"] = Field("transformer", description="model architecture")
+    arch: Literal["transformer", "mlp", "cnn", "linear", "lstm"] = Field("transformer", description="model architecture")
     mlp_width: int = Field(256, ge=1, description="arch mlp: units per hidden layer")
     mlp_layers: int = Field(1, ge=1, description="arch mlp: hidden layers")
     mlp_input: Literal["auto", "concat", "mean"] = Field(
@@ -46,6 +46,8 @@ class ModelConfig(StrictModel):
     cnn_layers: int = Field(2, ge=1, description="arch cnn: convolution layers")
     linear_width: int = Field(0, ge=0, description="arch linear: 0 = a plain perceptron; N = the same linear function "
                                                    "factorised through N units without activation (to match a budget)")
+    lstm_hidden: int = Field(128, ge=1, description="arch lstm: hidden units per layer")
+    lstm_layers: int = Field(1, ge=1, description="arch lstm: stacked LSTM layers")
     n_layers: int = Field(1, ge=1)
     d_model: int = Field(128, ge=1)
     n_heads: int = Field(4, ge=1)
@@ -54,7 +56,12 @@ class ModelConfig(StrictModel):
     act_fn: Literal["relu", "gelu"] = "relu"
     attn_only: bool = False
     normalization: Literal["none", "LN"] = Field("none", description="LayerNorm before attention, MLP and unembed")
-    positional: Literal["learned", "none"] = Field("learned", description="'none' lets a model run on any length")
+    positional: Literal["learned", "sinusoidal", "none"] = Field(
+        "learned", description="learned W_pos; fixed sinusoids (Vaswani et al. 2017); 'none' lets a model run on any length")
+    attn_score: Literal["scaled_dot", "dot", "general", "additive"] = Field(
+        "scaled_dot", description="how a query and a key give a score: q.k/sqrt(d_head), q.k, q W k (bilinear), w.tanh(q + k) (additive)")
+    shared_blocks: bool = Field(False, description="one block's parameters at every layer (Universal Transformer style)")
+    residual: bool = Field(True, description="false: no skip connections (each block's output replaces its input)")
     seed: int = Field(0, description="seed of the weight initialisation")
     init_scale: float = Field(1.0, gt=0, description="transformer: every weight matrix starts at this times the standard "
                                                      "init (Omnigrok's alpha, Liu et al. 2022b); 1.0 is the standard init")

@@ -225,10 +225,13 @@ class Transformer(HookedRootModule):
             resid = block(resid, key_padding)
         return einsum(self.ln_final(resid), self.W_U, "batch pos d_model, d_model vocab -> batch pos vocab") + self.b_U
 
-    def forward_at(self, tokens: torch.Tensor, position: int, key_padding: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_at(self, tokens: torch.Tensor, position: int | None, key_padding: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (batch, pos) -> logits (batch, d_vocab_out) at `position`: `forward(tokens)[:, position]`
         up to float rounding, gradients included, computing only what that position needs
-        (section 5 below). Falls back to `forward` while a hook is attached."""
+        (section 5 below). Falls back to `forward` while a hook is attached. `position=None` (a task with
+        a target at every position, a language model) is `forward(tokens)`: logits (batch, pos, d_vocab_out)."""
+        if position is None:
+            return self(tokens, key_padding)
         return forward_at(self, tokens, position, key_padding)
 
     def read_at(self, tokens: torch.Tensor, position: int, key_padding: torch.Tensor | None = None) -> ReadAt:

@@ -5,13 +5,13 @@ Tasks sit below `lab.config` (which validates the `[task]` table with the task's
 never import it.
 """
 
-from lab.tasks.base import TASKS, Split, Task, TaskConfig, make_task, register_task, task_class
+from lab.tasks.base import IGNORE_INDEX, TASKS, Split, Task, TaskConfig, make_task, register_task, task_class
 from lab.tasks.modular import OPERATORS, ModularConfig, ModularTask
 from lab.tasks.a_and_b import AAndBConfig, AAndBTask
 from lab.tasks.s5 import S5Config, S5ConjConfig, S5ConjTask, S5Task
 
 __all__ = [
-    "TASKS", "Split", "Task", "TaskConfig", "make_task", "register_task", "task_class",
+    "IGNORE_INDEX", "TASKS", "Split", "Task", "TaskConfig", "make_task", "register_task", "task_class",
     "OPERATORS", "ModularConfig", "ModularTask", "AAndBConfig", "AAndBTask",
     "S5Config", "S5ConjConfig", "S5Task", "S5ConjTask",
 ]

@@ -21,6 +21,8 @@ from lab.schema import StrictModel
 
 SplitName = Literal["train", "test"]
 
+IGNORE_INDEX = -100  # a label that reads no loss (PyTorch's cross_entropy default): positions of a sequence with no target
+
 
 class TaskConfig(StrictModel):
     """Base of every task's config (the `[task]` table); each task subclasses it with its own fields."""
@@ -31,10 +33,12 @@ class TaskConfig(StrictModel):
 
 @dataclass(frozen=True)
 class Split:
-    """One split of a task's data: inputs and the label read at `Task.read_position`."""
+    """One split of a task's data: inputs, and labels read at `Task.read_position` (a classifier: one
+    label per input) or at every position (`read_position` None, a language model: the next token at
+    each position, IGNORE_INDEX where no loss is read)."""
 
     tokens: torch.Tensor  # (batch, pos) int64, padded with the task's pad token where lengths differ
-    labels: torch.Tensor  # (batch,) int64, indices into the model's output vocabulary
+    labels: torch.Tensor  # (batch,) or (batch, pos) int64, indices into the model's output vocabulary
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -49,7 +53,7 @@ class Task(ABC):
     n_ctx: int  # the longest input the task produces or accepts
     causal: bool  # attention direction the task's model uses
     pad_token_id: int | None = None
-    read_position: int  # the position whose logits the loss reads (0 or -1)
+    read_position: int | None  # the position whose logits the loss reads (0 or -1); None: every position (next-token tasks)
 
     def __init__(self, config: TaskConfig):
         self.config = config
@@ -90,6 +94,12 @@ class Task(ABC):
         if name not in ("train", "test"):
             raise ValueError(f"unknown split {name!r}; valid: 'train', 'test'")
         return self._splits[0] if name == "train" else self._splits[1]
+
+    def baselines(self) -> dict[str, float]:
+        """Reference numbers the run's summary.json carries under "baselines" (e.g. a text task's unigram
+        and bigram held-out loss, counted on the training split): what a model must beat to have learnt more
+        than counting. Empty by default."""
+        return {}
 
     def patching_pair(self) -> tuple[str, str]:
         """A default (clean, corrupted) pair of texts for activation patching: same number of tokens, different
