@@ -79,6 +79,17 @@ class ModelConfig(StrictModel):
             raise ValueError(f"init_scale is applied by the transformer only (arch = 'transformer'), not arch = {info.data['arch']!r}; leave it at 1.0")
         return init_scale
 
+    @field_validator("positional", "attn_score", "shared_blocks", "residual")
+    @classmethod
+    def _variants_are_for_the_transformer(cls, value, info):
+        # positional = "none" predates the other archs' own fields: ladder experiments set it beside them
+        default = cls.model_fields[info.field_name].default
+        arch = info.data.get("arch", "transformer")
+        if arch != "transformer" and value != default and (info.field_name, value) != ("positional", "none"):
+            raise ValueError(f"{info.field_name} = {value!r} is a transformer setting (arch = 'transformer'), not arch = {arch!r}; "
+                             f"leave it at {default!r}")
+        return value
+
 
 class GradFilterConfig(StrictModel):
     """Grokfast gradient filters (Lee et al. 2024); see `lab.training.recipes`."""
@@ -179,6 +190,9 @@ class ExperimentConfig(StrictModel):
             given = getattr(self.model, key)
             if given is not None and given != value:
                 raise ConfigError(f"model.{key} = {given!r} disagrees with task {task.name!r}, which needs {value!r}; leave it unset")
+        if task.read_position is None and self.model.arch in ("mlp", "cnn", "linear"):
+            raise ConfigError(f"model.arch = {self.model.arch!r} gives one answer per input, but task {task.name!r} has a target "
+                              "at every position (a next-token task); valid there: 'transformer', 'lstm'")
         if self.model.n_heads * self.model.d_head <= 0:
             raise ConfigError("model.n_heads * model.d_head must be positive")
         model = self.model.model_copy(update=decided)

@@ -6,7 +6,7 @@ is exact (the model is built on PyTorch's "meta" device, which allocates nothing
 estimate, on the generous side of what training holds at once:
 
     weights + gradients + AdamW's two moments (+ the Grokfast filter's state)   4 bytes per number each
-    activations kept for the backward pass: rows x positions x (per-layer widths) + logits
+    activations kept for the backward pass: rows x positions x (per-layer widths + logits at every position)
 
 It is compared with what the machine can give now: MemAvailable for the CPU, free memory for CUDA.
 """
@@ -47,7 +47,8 @@ def activation_bytes(model_config, rows: int) -> int:
     n_ctx, d_model, n_layers = get("n_ctx", 1), get("d_model", 1), get("n_layers", 1)
     heads, d_head, d_mlp = get("n_heads", 1), get("d_head", 1), get("d_mlp", 0)
     per_position = n_layers * (6 * d_model + 4 * heads * d_head + 2 * heads * n_ctx + 2 * d_mlp)
-    return rows * (n_ctx * per_position + 3 * get("d_vocab_out", 1)) * FLOAT_BYTES
+    # logits, their softmax and gradient at every position: a language model's (a classifier's are fewer)
+    return rows * n_ctx * (per_position + 3 * get("d_vocab_out", 1)) * FLOAT_BYTES
 
 
 def _gb(n: float) -> str:

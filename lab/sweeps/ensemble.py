@@ -191,12 +191,13 @@ def _widest(config: ExperimentConfig) -> int:
     return max(m.d_model, 3 * m.n_heads * m.d_head, m.d_mlp, getattr(m, "mlp_width", 0) or 0, getattr(m, "cnn_channels", 0) or 0)
 
 
-def _row_floats(config: ExperimentConfig, n_pos: int) -> int:
-    """About the widest activation of one input row, in floats, for any architecture."""
+def _row_floats(config: ExperimentConfig, n_pos: int, every_position: bool = False) -> int:
+    """About the widest activation of one input row, in floats, for any architecture; `every_position`:
+    logits at every position (a next-token task), not at one."""
     m = config.model
     he = m.n_heads * m.d_head
     widths = [m.d_model, 3 * he, m.d_mlp, getattr(m, "mlp_width", 0) or 0, getattr(m, "cnn_channels", 0) or 0, m.d_vocab or 0]
-    return n_pos * max(widths) + m.n_heads * n_pos * n_pos + (m.d_vocab_out or 0)
+    return n_pos * max(widths) + m.n_heads * n_pos * n_pos + (n_pos if every_position else 1) * (m.d_vocab_out or 0)
 
 
 class StackedEnsemble:
@@ -416,8 +417,7 @@ class StackedEnsemble:
                 for r, slot, again in zip(results, slots, reuse):
                     if again:
                         bucket = next(b for b, (a, e) in enumerate(self.buckets) if a <= slot < e)
-                        loss, right = score(self._pending[bucket][slot - self.buckets[bucket][0]], self.train[slot].labels, self.configs[slot])
-                        n = len(self.train[slot])
+                        loss, right, n = score(self._pending[bucket][slot - self.buckets[bucket][0]], self.train[slot].labels, self.configs[slot])
                         r["train_loss"], r["train_acc"] = loss / n, right / n
         with torch.no_grad():
             for split in ("train", "test"):
@@ -437,20 +437,20 @@ class StackedEnsemble:
         for (n, n_pos), members in groups.items():
             config = self.configs[members[0][1]]
             chunk = rows_per_chunk(config.model.n_heads, n_pos)
-            per_forward = max(1, _EVAL_FLOATS // (min(chunk, n) * _row_floats(config, n_pos)))
+            per_forward = max(1, _EVAL_FLOATS // (min(chunk, n) * _row_floats(config, n_pos, self.read_position is None)))
             for part in range(0, len(members), per_forward):
                 group = members[part : part + per_forward]
                 index = torch.tensor([slot for _, slot in group], device=self.device)
                 params = dict(zip(self._names, self.layout.views(self.flat[index])))
                 tokens = torch.stack([data[slot].tokens for _, slot in group])  # (members, n, pos)
-                sums = [[0.0, 0] for _ in group]
+                sums = [[0.0, 0, 0] for _ in group]  # summed loss, right, targets: as the Trainer's `evaluate`
                 for start, chunk_tokens in batches(tokens[0], config.model.n_heads):
-                    logits = self.forward(params, tokens[:, start : start + len(chunk_tokens)])  # (members, chunk, vocab)
+                    logits = self.forward(params, tokens[:, start : start + len(chunk_tokens)])  # (members, chunk, [pos,] vocab)
                     for total, (_, slot), member_logits in zip(sums, group, logits):
-                        loss, right = score(member_logits, data[slot].labels[start : start + len(chunk_tokens)], self.configs[slot])
-                        total[0], total[1] = total[0] + loss, total[1] + right
-                for (r, _), (loss, right) in zip(group, sums):
-                    r[f"{split}_loss"], r[f"{split}_acc"] = loss / n, right / n
+                        loss, right, targets = score(member_logits, data[slot].labels[start : start + len(chunk_tokens)], self.configs[slot])
+                        total[0], total[1], total[2] = total[0] + loss, total[1] + right, total[2] + targets
+                for (r, _), (loss, right, targets) in zip(group, sums):
+                    r[f"{split}_loss"], r[f"{split}_acc"] = loss / max(targets, 1), right / max(targets, 1)
 
     # --- one member's state, for its run folder ---
 

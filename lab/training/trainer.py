@@ -54,7 +54,7 @@ from lab.runs.outcomes import grok_step, memorize_step
 from lab.runs.storage import ResumeState
 from lab.tasks import Split, Task, make_task
 from lab.training.batching import batches, minibatch_index, rows_per_step
-from lab.training.losses import task_loss
+from lab.training.losses import right_and_targets, task_loss
 from lab.training.recipes import GradFilter, orthogonalize_gradients
 
 
@@ -78,20 +78,23 @@ def loss_dtype(config: ExperimentConfig) -> torch.dtype:
     return torch.float64 if config.train.loss_dtype == "float64" else torch.float32
 
 
-def score(logits: torch.Tensor, labels: torch.Tensor, config: ExperimentConfig) -> tuple[float, int]:
-    """(summed loss, number right) of logits (batch, vocab) against labels: one chunk of an evaluation."""
-    loss = task_loss(logits, labels, config.train.loss, loss_dtype(config)).item() * len(labels)
-    return loss, int((logits.argmax(-1) == labels).sum().item())
+def score(logits: torch.Tensor, labels: torch.Tensor, config: ExperimentConfig) -> tuple[float, int, int]:
+    """(summed loss, number right, number of targets) of logits (batch, vocab) against labels (batch,), or
+    (batch, pos, vocab) against (batch, pos): one chunk of an evaluation, summed so chunks add up."""
+    right, targets = right_and_targets(logits, labels)
+    loss = task_loss(logits, labels, config.train.loss, loss_dtype(config)).item() * int(targets)
+    return loss, int(right), int(targets)
 
 
 @torch.no_grad()
 def evaluate(model, split: Split, task: Task, config: ExperimentConfig) -> tuple[float, float]:
-    """(mean loss, accuracy) of the model on a split, in chunks to bound memory (see `lab.training.batching`)."""
-    total_loss, correct = 0.0, 0
+    """(mean loss, accuracy) per target of the model on a split (a target per input for a classifier, per
+    labelled position for a language model), in chunks to bound memory (see `lab.training.batching`)."""
+    total_loss, correct, targets = 0.0, 0, 0
     for start, tokens in batches(split.tokens, config.model.n_heads):
-        loss, right = score(model.forward_at(tokens, task.read_position), split.labels[start : start + len(tokens)], config)
-        total_loss, correct = total_loss + loss, correct + right
-    return total_loss / len(split), correct / len(split)
+        loss, right, n = score(model.forward_at(tokens, task.read_position), split.labels[start : start + len(tokens)], config)
+        total_loss, correct, targets = total_loss + loss, correct + right, targets + n
+    return total_loss / max(targets, 1), correct / max(targets, 1)
 
 
 def make_adamw(params, tc) -> torch.optim.AdamW:
@@ -262,10 +265,23 @@ class RunFolder:
             "device": str(device),
             "arch": self.config.model.arch,
             "n_params": n_params,
+            **({"baselines": baselines} if (baselines := task_baselines(self.config)) else {}),
             **({"diverged_at": self.diverged_at, "hint": divergence_hint(tc, self.diverged_at)} if self.diverged_at is not None else {}),
             "started_at": self.started_at,
             "updated_at": time.time(),
         }
+
+
+_BASELINES: dict[str, dict[str, float]] = {}
+
+
+def task_baselines(config: ExperimentConfig) -> dict[str, float]:
+    """`Task.baselines()` of the run's task (e.g. a text task's unigram and bigram held-out loss), computed
+    once per task config in this process: every summary of every member of a sweep carries them."""
+    key = config.task.model_dump_json()
+    if key not in _BASELINES:
+        _BASELINES[key] = make_task(config.task).baselines()
+    return _BASELINES[key]
 
 
 def read_summary(run_dir: Path) -> dict:
@@ -492,8 +508,8 @@ class Trainer:
         return rows_per_step(self.config.train.batch_size, len(self.train_split)) == len(self.train_split)
 
     def train_forward(self, batch: Split) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss, logits at the read position) of the model on a batch, with autograd."""
-        logits = self.model.forward_at(batch.tokens, self.task.read_position)  # (batch, vocab)
+        """(loss, logits at the read position, or at every position) of the model on a batch, with autograd."""
+        logits = self.model.forward_at(batch.tokens, self.task.read_position)  # (batch, vocab) or (batch, pos, vocab)
         return task_loss(logits, batch.labels, self.config.train.loss, self.loss_dtype), logits
 
     def update(self) -> None:
@@ -520,7 +536,8 @@ class Trainer:
         if reuse:
             self._forward = self.train_forward(self.train_split)
             loss, logits = self._forward
-            train = (loss.item(), (logits.argmax(-1) == self.train_split.labels).sum().item() / len(self.train_split))
+            right, targets = right_and_targets(logits, self.train_split.labels)
+            train = (loss.item(), right.item() / targets.item())
         self.model.eval()
         if not reuse:
             train = evaluate(self.model, self.train_split, self.task, self.config)
