@@ -56,3 +56,38 @@ def shared_runs(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
         finally:
             torch.set_num_threads(threads)
     return _made["runs"]
+
+
+# A text run (a word-level next-token model): four lines of Hamlet, repeated, as its UTF-8 file. For the text
+# Attention page (tests/test_text_attention.py, tests/test_browser.py); trained once per test session.
+HAMLET = ("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
+          "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles\n")
+TEXT = {
+    "name": "text_hamlet",
+    "task": {"name": "text", "n_ctx": 16, "vocab_size": 40, "test_frac": 0.2},
+    "model": {"d_model": 32, "n_heads": 2, "d_head": 16, "d_mlp": 64, "n_layers": 2},
+    "train": {"steps": 40, "lr": 1e-2, "batch_size": 32, "eval_every": 20, "checkpoint_every": 20,
+              "log_checkpoints": 0, "device": "cpu"},
+}
+
+
+def shared_text_run(tmp_path_factory) -> Path:
+    """The folder of the text run "hamlet", trained on first use (about 10 s on an idle CPU)."""
+    if "text" not in _made:
+        import torch
+
+        from lab.config import validate_experiment
+        from lab.training.trainer import Trainer
+
+        folder = tmp_path_factory.mktemp("text_runs")
+        corpus = folder / "hamlet.txt"
+        corpus.write_text(HAMLET * 30, encoding="utf-8")
+        data = {**TEXT, "task": {**TEXT["task"], "path": str(corpus)}}
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            Trainer(validate_experiment(data).resolve(), folder / "runs" / "hamlet", progress=False).run()
+        finally:
+            torch.set_num_threads(threads)
+        _made["text"] = folder / "runs" / "hamlet", {}
+    return _made["text"][0]

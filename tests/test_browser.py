@@ -386,3 +386,56 @@ def test_dashboard_in_a_browser(server, shots):
         finally:
             browser.close()
     assert len(list(shots.glob("*.png"))) == 14, sorted(p.name for p in shots.glob("*.png"))
+
+
+def test_text_run_attention_in_a_browser(server, tmp_path, tmp_path_factory):
+    """A word-level text run on the Attention page: an English sentence typed in, the words on both axes of
+    every head's heatmap (the causal mask grey), the next-word table, and a greedy sample. The run is copied
+    into the served folder for this test only (the other test counts the folder's runs)."""
+    from playwright.sync_api import sync_playwright
+
+    url, folder, _ = server
+    run = shutil.copytree(dashboard_runs.shared_text_run(tmp_path_factory), folder / "hamlet")
+    sentence_text = "Whether 'tis nobler in the mind to suffer the slings and arrows"
+    words = ["Whether", "'tis", "nobler", "in", "the", "mind", "to", "suffer", "the", "slings", "and", "arrows"]
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport=VIEWPORT)
+                page.set_default_timeout(RENDER_TIMEOUT_MS)
+                page.goto(f"{url}/attention")
+                page.get_by_role("heading", name="Attention").first.wait_for()
+                _settle(page)
+                page.locator('[data-testid="stSelectbox"]').first.click()
+                page.get_by_role("option", name="hamlet", exact=True).click()
+                page.get_by_label("Prompt", exact=True).wait_for()  # the text run's sampling box
+                sentence = page.get_by_label("Sentence", exact=True).and_(page.locator("input"))
+                sentence.fill(sentence_text)
+                sentence.press("Enter")
+                page.wait_for_function(
+                    "words => { const g = [...document.querySelectorAll('.js-plotly-plot')].find(g => g.data[0].type === 'heatmap'"
+                    " && (g.layout.title.text || '').includes('attention per head'));"
+                    " return g && g.layout.xaxis.ticktext.join(' ') === words; }", arg=" ".join(words))
+                _settle(page)
+                _no_exception(page)
+                heatmap = _heatmap(page)
+                assert heatmap["x"] == words and "grey: masked" in heatmap["title"]
+                assert page.evaluate("() => [...document.querySelectorAll('.js-plotly-plot')]"
+                                     ".some(g => (g.layout.title.text || '').includes('likeliest next tokens'))")
+                # the words as the browser drew them: the tick labels' own SVG text, not only the figure's spec
+                drawn = page.evaluate("() => [...document.querySelectorAll('.js-plotly-plot .xtick text')].map(t => t.textContent)")
+                assert set(words) <= set(drawn), drawn
+                page.get_by_label("Prompt", exact=True).fill("To be")
+                page.get_by_label("Temperature", exact=True).fill("0")
+                page.get_by_label("Temperature", exact=True).press("Tab")
+                page.get_by_role("button", name="Sample").click()
+                page.get_by_text(", or not to be, that is the question:").first.wait_for()
+                _settle(page)
+                _no_exception(page)
+                _shoot(page, tmp_path / "attention_words.png")
+                print(f"\ntext attention screenshot: {tmp_path / 'attention_words.png'}")
+            finally:
+                browser.close()
+    finally:
+        shutil.rmtree(run, ignore_errors=True)

@@ -98,3 +98,57 @@ def predict_with(model, task, text_or_tokens) -> Prediction:
     tokens = encode_tokens(task, text_or_tokens, model).to(model.device)
     logits = model(tokens)[0, task.read_position].cpu()
     return prediction_from_logits(task, logits)
+
+
+# --- sampling a continuation (next-token models) -----------------------------------------------------
+
+
+def check_sampling(n, temperature, seed=None) -> tuple[int, float]:
+    """(n, temperature) checked: n a whole number >= 1, temperature a finite number >= 0 (0 = greedy), seed
+    a whole number or None. A bad value is one ValueError line naming it and what is valid."""
+    import math
+    import numbers
+
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"n={n!r} is not a number of tokens to sample: give a whole number >= 1")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature={temperature!r} is not valid: give a number >= 0 "
+                         "(0 = always the most likely token, 1 = the model's own distribution)")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise ValueError(f"seed={seed!r} is not valid: give a whole number (the same one, the same sample), or None")
+    return int(n), float(temperature)
+
+
+@torch.no_grad()
+def sample_tokens(model, prompt: list[int], n: int, temperature: float = 1.0, seed: int | None = None) -> list[int]:
+    """`n` tokens a next-token model (in eval mode) writes after `prompt` (token ids), one at a time.
+
+    Each step reads the logits at the last position (`model.forward_at(context, -1)`), divides them by
+    `temperature` and draws from their softmax; temperature 0 takes the argmax (greedy). The context is
+    the last `model.cfg.n_ctx` tokens (nanoGPT's crop: learned positions exist only up to n_ctx, and no
+    model saw a longer context in training). `seed` makes the draws repeatable (a CPU torch.Generator,
+    so the same seed gives the same tokens on any device); None draws fresh ones."""
+    n, temperature = check_sampling(n, temperature, seed)
+    if not prompt:
+        raise ValueError("the prompt encodes to no tokens: give at least one word (or character) to continue")
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(int(seed))
+    if model.cfg.d_vocab_out != model.cfg.d_vocab:
+        raise ValueError(f"this model's outputs ({model.cfg.d_vocab_out}) are not its input tokens ({model.cfg.d_vocab}): "
+                         "only a next-token model can continue a text")
+    device = next(model.parameters()).device
+    n_ctx = model.cfg.n_ctx
+    tokens = list(prompt)
+    for _ in range(n):
+        context = torch.tensor([tokens[-n_ctx:]], dtype=torch.long, device=device)  # (1, pos <= n_ctx)
+        logits = model.forward_at(context, -1)[0].double().cpu()  # (d_vocab_out,)
+        scaled = logits / temperature if temperature > 0 else None  # (d_vocab_out,)
+        if scaled is None or not torch.isfinite(scaled).all():  # greedy: 0, or so close to 0 that the logits overflow
+            next_token = int(logits.argmax())
+        else:
+            next_token = int(torch.multinomial(scaled.softmax(-1), 1, generator=generator))
+        tokens.append(next_token)
+    return tokens[len(prompt):]

@@ -1,5 +1,6 @@
-"""The Attention page's figures: every head's pattern over an input, the read position's row as a
-strip for long inputs, and the modular task's attention over all pairs (a, b)."""
+"""The Attention page's figures: every head's pattern over an input (a causal model's masked cells grey),
+the read position's row as a strip for long inputs, the modular task's attention over all pairs (a, b),
+and a text run's likeliest next tokens after every position."""
 
 from __future__ import annotations
 
@@ -50,9 +51,13 @@ def _index_axis(labels: Sequence[str], max_labels: int = 10_000) -> dict:
     return dict(tickmode="array", tickvals=ticks, ticktext=[labels[i] for i in ticks], tickangle=0)
 
 
-def attention_grid_figure(pattern, tokens: Sequence[str], title: str = "Attention") -> go.Figure:
+MASKED_COLOR = "#c8c8c8"  # the grey of cells a query may not look at: masked, which is not the same as zero attention
+
+
+def attention_grid_figure(pattern, tokens: Sequence[str], title: str = "Attention", mask=None) -> go.Figure:
     """One heatmap per (layer, head) of a (layer, head, query, key) pattern, rows queries, columns keys,
-    both labelled with the tokens; colour scale fixed to 0..1.
+    both labelled with the tokens; colour scale fixed to 0..1. Where `mask` (query, key) is True (a causal
+    model's later keys) the cell is left empty, showing the grey MASKED_COLOR behind it, and has no hover.
 
     Every query row is at least MIN_CELL_PX tall, so that every row carries its token's label. Up to
     LONG_INPUT tokens the heads sit side by side, one row per layer, with square cells; a longer
@@ -61,19 +66,24 @@ def attention_grid_figure(pattern, tokens: Sequence[str], title: str = "Attentio
     the key labels slant so that none covers its neighbour's."""
     pattern = as_numpy(pattern)
     n_layers, n_heads, n_q, n_k = pattern.shape
+    if mask is not None:
+        pattern = np.where(as_numpy(mask)[None, None] > 0, np.nan, pattern)  # (query, key) over every head
     tokens = list(tokens)
     long = max(n_q, n_k) > LONG_INPUT
     rows, cols = (n_layers * n_heads, 1) if long else (n_layers, n_heads)
     panel = max(n_q * MIN_CELL_PX, 260 if n_heads > 2 else 300)  # px per subplot row
+    key_axis = _key_axis(tokens[:n_k], PLOT_WIDTH_PX / cols / n_k)
+    # slanted key labels (words) hang below their panel: the next row's titles move down by their height
+    slant_px = max(map(len, tokens[:n_k])) * CHAR_PX * math.sin(math.radians(45)) if key_axis["tickangle"] == -45 else 0.0
+    plot_px = rows * panel + (rows - 1) * slant_px
     fig = make_subplots(
         rows=rows, cols=cols, horizontal_spacing=0.06,
-        vertical_spacing=min(0.12 if rows > 1 else 0.05, 80 / (rows * panel + 1)),
+        vertical_spacing=(min(0.12 if rows > 1 else 0.05, 80 / (rows * panel + 1)) * rows * panel + slant_px) / (plot_px + 1),
         subplot_titles=[f"L{layer} H{head}" for layer in range(n_layers) for head in range(n_heads)],
     )
     qlabels = [f"{i}:{t}" for i, t in enumerate(tokens[:n_q])]
     klabels = [f"{i}:{t}" for i, t in enumerate(tokens[:n_k])]
     hover = np.array([[f"{qlabels[q]} → {klabels[k]}" for k in range(n_k)] for q in range(n_q)])
-    key_axis = _key_axis(tokens[:n_k], PLOT_WIDTH_PX / cols / n_k)
     for layer in range(n_layers):
         for head in range(n_heads):
             index = layer * n_heads + head
@@ -82,35 +92,66 @@ def attention_grid_figure(pattern, tokens: Sequence[str], title: str = "Attentio
                 z=pattern[layer, head], x=list(range(n_k)), y=list(range(n_q)),
                 zmin=0.0, zmax=1.0, colorscale=ATTENTION_SCALE, showscale=(index == 0),
                 colorbar=dict(title="attention", len=min(0.8, 400 / (rows * panel)), y=1, yanchor="top"),
-                customdata=hover,
+                customdata=hover, hoverongaps=False,
                 hovertemplate=f"L{layer}H{head}<br>query→key %{{customdata}}<br>attention %{{z:.4f}}<extra></extra>",
                 name=f"L{layer}H{head}",
             ), row=row, col=col)
-            fig.update_xaxes(title_text="key" if row == rows else None, **key_axis, row=row, col=col)
-            fig.update_yaxes(title_text="query" if col == 1 else None, autorange="reversed",
+            fig.update_xaxes(title_text="key" if row == rows else None, showgrid=False, zeroline=False, **key_axis, row=row, col=col)
+            fig.update_yaxes(title_text="query" if col == 1 else None, autorange="reversed", showgrid=False, zeroline=False,
                              **_index_axis(tokens[:n_q]), row=row, col=col)
             if not long:
                 square_cells(fig, row, col, index)
-    fig.update_layout(title=dict(text=title, x=0.01), height=80 + panel * rows + 40,
+    fig.update_layout(title=dict(text=title, x=0.01), height=80 + round(plot_px) + 40,
                       margin=dict(l=60, r=20, t=80, b=50), template="plotly_white")
+    if mask is not None:
+        fig.update_layout(plot_bgcolor=MASKED_COLOR)  # shows through the empty (masked) cells only
     return fig
 
 
 def attention_figure(result: "AttentionResult", run_name: str) -> go.Figure:
-    """`attention_grid_figure` of one `lab.attention` result, titled with the run and checkpoint."""
+    """`attention_grid_figure` of one `lab.attention` result, titled with the run and checkpoint; a causal
+    model's masked cells grey."""
+    masked = "; grey: masked (causal)" if result.mask is not None else ""
     return attention_grid_figure(
-        result.pattern, result.tokens,
-        title=f"{run_name}, step {result.step}: attention per head (rows: queries, columns: keys)")
+        result.pattern, result.tokens, mask=result.mask,
+        title=f"{run_name}, step {result.step}: attention per head (rows: queries, columns: keys){masked}")
 
 
-def read_attention_figure(result: "AttentionResult", read_position: int, run_name: str) -> go.Figure:
+def next_tokens_figure(result: "AttentionResult", run_name: str) -> go.Figure:
+    """A next-token run's TOP_K likeliest next tokens after every position of a `lab.attention` result, as a
+    table: one row per position (labelled with its token), one column per rank and a last column with
+    the token typed next; each cell the token and its probability, coloured by the probability (0..1)."""
+    if not result.top_next:
+        raise ValueError("no next-token predictions: this is for next-token runs (the text task), not classifiers")
+    n_pos, k = len(result.top_next), len(result.top_next[0])
+    typed = [(result.tokens[pos + 1], result.typed_next_probability[pos]) if pos + 1 < n_pos else ("", float("nan"))
+             for pos in range(n_pos)]
+    cells = [row + [typed[pos]] for pos, row in enumerate(result.top_next)]  # (pos, k + 1) of (label, probability)
+    z = np.array([[p for _, p in row] for row in cells])  # (pos, k + 1)
+    text = [[f"{label} {p:.2f}" if label else "" for label, p in row] for row in cells]
+    fig = go.Figure(go.Heatmap(
+        z=z, x=list(range(k + 1)), y=list(range(n_pos)), zmin=0.0, zmax=1.0, colorscale="Blues",
+        colorbar=dict(title="probability"), xgap=2, ygap=2, hoverongaps=False,
+        text=text, texttemplate="%{text}", textfont=dict(size=12),
+        customdata=np.array([[f"{pos}:{result.tokens[pos]}"] * (k + 1) for pos in range(n_pos)]),
+        hovertemplate="after %{customdata}: %{text}<extra></extra>",
+    ))
+    layout(fig, f"{run_name}, step {result.step}: the {k} likeliest next tokens after each position, and the one typed",
+           height=150 + max(n_pos, 3) * 26)
+    fig.update_xaxes(tickmode="array", tickvals=list(range(k + 1)), side="top",
+                     ticktext=[f"#{r}" for r in range(1, k + 1)] + ["typed next"], showgrid=False)
+    fig.update_yaxes(autorange="reversed", showgrid=False, **_index_axis([f"{i}:{t}" for i, t in enumerate(result.tokens)]))
+    return fig
+
+
+def read_attention_figure(result: "AttentionResult", read_position: int | None, run_name: str) -> go.Figure:
     """The one row that decides the answer: attention from the read position (`<cls>` for a_and_b,
-    `=` for modular) to every position, one strip per head, every column labelled with its character.
-    A long input shows STRIP_WINDOW positions at once, around the most attended one, with a range
+    `=` for modular; `read_position` None: the last word of a next-token run) to every position, one strip
+    per head, every column labelled with its token. A long input shows STRIP_WINDOW positions at once, around the most attended one, with a range
     slider underneath to pan along."""
     pattern = as_numpy(result.pattern)
     n_layers, n_heads, n_q, n_k = pattern.shape
-    query = read_position % n_q
+    query = -1 % n_q if read_position is None else read_position % n_q  # None: a next-token run's last word
     z = pattern[:, :, query, :].reshape(n_layers * n_heads, n_k)  # (layer*head, key)
     heads = [f"L{layer}H{head}" for layer in range(n_layers) for head in range(n_heads)]
     tokens = list(result.tokens)[:n_k]
@@ -124,7 +165,7 @@ def read_attention_figure(result: "AttentionResult", read_position: int, run_nam
             height=140 + 34 * len(heads) + (60 if n_k > STRIP_WINDOW else 0))
     # The window opens where the read position looks hardest (the lone `a` in a long sentence, say).
     start = int(np.clip(int(np.argmax(z.max(axis=0))) - STRIP_WINDOW // 2, 0, max(0, n_k - STRIP_WINDOW)))
-    fig.update_xaxes(title_text="position: character", tickmode="array", tickvals=list(range(n_k)),
+    fig.update_xaxes(title_text="position: " + ("token" if read_position is None else "character"), tickmode="array", tickvals=list(range(n_k)),
                      ticktext=_key_labels(tokens, PLOT_WIDTH_PX / min(n_k, STRIP_WINDOW)), tickangle=0, range=[start - 0.5, start + min(n_k, STRIP_WINDOW) - 0.5])
     if n_k > STRIP_WINDOW:
         fig.update_xaxes(rangeslider=dict(visible=True, thickness=0.12))
@@ -164,18 +205,27 @@ def modular_attention_figure(grid, run_name: str, step: int) -> go.Figure:
 
 def plot_attention(run: "Run", text: str, step: int | None = None) -> go.Figure:
     """Every head's attention pattern over `text` at a checkpoint (default: the last), as on the
-    Attention page; e.g. `plot_attention(run, "grab a cab")` or `plot_attention(run, "5 + 7 =")`."""
+    Attention page; e.g. `plot_attention(run, "grab a cab")`, `plot_attention(run, "5 + 7 =")` or, for a text
+    run, `plot_attention(run, "To be, or not to be")` (a causal model's masked cells grey)."""
     from lab.analysis.attention import attention
 
     return attention_figure(attention(run, text, step=step), run.name)
 
 
 def plot_read_attention(run: "Run", text: str, step: int | None = None) -> go.Figure:
-    """What the read position (`<cls>` or `=`) attends to, one strip per head: the Attention page's
-    view of long inputs."""
+    """What the read position (`<cls>` or `=`; a text run's last word) attends to, one strip per head: the
+    Attention page's view of long inputs."""
     from lab.analysis.attention import attention
 
     return read_attention_figure(attention(run, text, step=step), run.task.read_position, run.name)
+
+
+def plot_next_tokens(run: "Run", text: str, step: int | None = None) -> go.Figure:
+    """A next-token run's TOP_K likeliest next tokens (with probabilities) after every position of `text`,
+    e.g. `plot_next_tokens(run, "To be, or not to be")`: the Attention page's table of them."""
+    from lab.analysis.attention import attention
+
+    return next_tokens_figure(attention(run, text, step=step), run.name)
 
 
 def plot_modular_attention(run: "Run", step: int | None = None) -> go.Figure:

@@ -158,6 +158,26 @@ class Run:
 
         return predict_with(self.model(step), self.task, text_or_tokens)
 
+    def generate(self, prompt: str, n: int = 20, temperature: float = 1.0, seed: int | None = None,
+                 step: int | None = None) -> str:
+        """A continuation of `prompt` sampled from a next-token run (the text task): `n` tokens drawn one
+        at a time at `temperature` (0 = greedy), repeatable with `seed`, from the model at checkpoint
+        `step` (default: the last); the model reads the last n_ctx tokens (`lab.models.prediction.sample_tokens`).
+        Returns the continuation alone, as it follows the prompt in the task's writing: `task.decode(prompt's
+        ids) + continuation` is the whole text (so a continuation that starts with a word starts with its
+        space, one that starts with a comma does not). Bad n or temperature, or a classification run, raise
+        one ValueError line."""
+        from lab.models.prediction import check_sampling, sample_tokens
+
+        if self.task.read_position is not None:
+            raise ValueError(f"run.generate is for next-token runs (a target at every position); {self.name} is a "
+                             f"{self.task.name!r} classifier: use run.predict(text) for its answer")
+        check_sampling(n, temperature, seed)  # before loading a checkpoint
+        prompt_ids = self.task.encode(prompt)
+        new_ids = sample_tokens(self.model(step), prompt_ids, n, temperature, seed)
+        written, whole = self.task.decode(prompt_ids), self.task.decode(prompt_ids + new_ids)
+        return whole[len(written):] if whole.startswith(written) else self.task.decode(new_ids)
+
 
 def _as_step(step, steps: list[int]) -> int:
     """850, numpy.int64(850) or "850" -> 850; 850.5, True, "last" -> RunError listing the saved steps."""
