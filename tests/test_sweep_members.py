@@ -102,6 +102,10 @@ ARCHITECTURES = [
     pytest.param({"name": "a_and_b", "n_train": 64, "n_test": 32, "max_test_len": 40}, {}, id="a_and_b-padding"),
     pytest.param({"name": "a_and_b", "n_train": 64, "n_test": 32, "max_test_len": 40},
                  {"n_layers": 2, "normalization": "LN", "positional": "none"}, id="a_and_b-two-layers"),
+    pytest.param({"name": "modular", "p": 11}, {"n_layers": 2, "shared_blocks": True, "attn_score": "general",
+                                                "positional": "sinusoidal"}, id="shared-blocks-general"),
+    pytest.param({"name": "a_and_b", "n_train": 64, "n_test": 32, "max_test_len": 40},
+                 {"n_layers": 2, "residual": False, "attn_score": "additive"}, id="a_and_b-no-residual-additive"),
     pytest.param({"name": "modular", "p": 11}, {"arch": "mlp"}, id="mlp-concat"),
     pytest.param({"name": "a_and_b", "n_train": 64, "n_test": 32, "max_test_len": 40}, {"arch": "mlp"}, id="mlp-mean"),
     pytest.param({"name": "a_and_b", "n_train": 64, "n_test": 32, "max_test_len": 40}, {"arch": "cnn"}, id="cnn"),
@@ -125,13 +129,15 @@ def test_stacked_forward_is_each_models_own_forward_at(task, model):
     stack_position = {given: slot for slot, given in enumerate(ensemble.order)}
     expected = torch.stack([models[m].forward_at(tokens, read) for m in ensemble.order])
     assert logits.shape == expected.shape == (3, 30, cfgs[0].model.d_vocab_out)
-    torch.testing.assert_close(logits, expected, atol=1e-6, rtol=1e-6)
+    # a model alone attends through SDPA, the vmapped stack explicitly (SDPA has no batching rule there): with
+    # two layers they round apart by up to 2e-6 in the logits, 1e-6 of the largest gradient in the gradients
+    torch.testing.assert_close(logits, expected, atol=4e-6, rtol=1e-6)
     weights = torch.randn_like(logits)
     (logits * weights).sum().backward()
     (expected * weights).sum().backward()
     for m, model in enumerate(models):
         grads = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
-        torch.testing.assert_close(ensemble.flat_grad[stack_position[m]], grads, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(ensemble.flat_grad[stack_position[m]], grads, atol=2e-6 * grads.abs().max().item(), rtol=1e-5)
 
 
 # --- members equal standalone runs ----------------------------------------------------------------------

@@ -15,11 +15,20 @@ What the bridge cannot represent, and how this export handles it:
 - `positional = "none"`: the bridge always adds a learned positional embedding; it gets an all-zero
   one of length n_ctx, which is the same function, but inputs longer than n_ctx (which the lab
   model accepts) are refused by the bridge.
+- `positional = "sinusoidal"`: the bridge's learned W_pos holds the fixed table (n_ctx rows), so the
+  bridge refuses inputs longer than n_ctx, which the lab model extends its table for.
+- `attn_score = "dot"` (q.k without 1 / sqrt(d_head)): TransformerLens 4.3's native bridge refuses
+  `attn_scale = 1` ("unscaled attention"), so the export folds sqrt(d_head) into W_Q and b_Q instead:
+  the bridge's scores, pattern, z and logits equal the lab model's, its hook_q is the lab's times sqrt(d_head).
+- `shared_blocks = true`: every layer of the bridge gets its own copy of the one block's weights (the
+  bridge computes the same function; training the bridge would untie them).
+- `attn_score = "general"` or `"additive"`, and `residual = false`, have no TransformerLens equivalent
+  and raise `ExportError` naming the setting.
 - Padding: the lab model masks keys equal to the pad token by itself; the bridge masks only what
   `attention_mask` (1 = keep) tells it, so pass `attention_mask=(tokens != pad).long()` for tasks
   with padding (a_and_b).
 - Any model setting this export does not know (an activation other than relu/gelu, a normalisation
-  other than none/LN, a positional scheme other than learned/none, or a config field added after
+  other than none/LN, a positional scheme other than learned/sinusoidal/none, or a config field added after
   this export was written and set to a non-default value) raises `ExportError` instead of building
   a bridge that computes something else.
 """
@@ -33,10 +42,15 @@ from lab.errors import LabError
 SUPPORTED = {
     "act_fn": ("relu", "gelu"),
     "normalization": ("none", "LN"),
-    "positional": ("learned", "none"),
+    "positional": ("learned", "sinusoidal", "none"),
+    "attn_score": ("scaled_dot", "dot"),
+    "residual": (True,),
 }
+# translated, or without effect on a transformer's function (init settings, the other architectures' widths)
 KNOWN_FIELDS = {"n_layers", "d_model", "n_heads", "d_head", "d_mlp", "act_fn", "attn_only", "normalization",
-                "positional", "seed", "d_vocab", "d_vocab_out", "n_ctx", "causal", "pad_token_id"}
+                "positional", "attn_score", "shared_blocks", "residual", "seed", "init_scale", "d_vocab",
+                "d_vocab_out", "n_ctx", "causal", "pad_token_id", "arch", "mlp_width", "mlp_layers", "mlp_input",
+                "cnn_channels", "cnn_kernel", "cnn_layers", "linear_width", "lstm_hidden", "lstm_layers"}
 TOP_LEVEL = {"W_E": "embed.W_E", "W_pos": "pos_embed.W_pos", "W_U": "unembed.W_U", "b_U": "unembed.b_U"}
 
 
@@ -49,8 +63,9 @@ def _check_supported(model) -> None:
     for key, valid in SUPPORTED.items():
         value = getattr(cfg, key)
         if value not in valid:
-            raise ExportError(f"cannot export to TransformerLens: model.{key} = {value!r} has no bridge equivalent "
-                              f"(supported: {', '.join(map(repr, valid))})")
+            shown = str(value).lower() if isinstance(value, bool) else repr(value)  # as TOML spells it
+            raise ExportError(f"cannot export to TransformerLens: model.{key} = {shown} has no bridge equivalent "
+                              f"(supported: {', '.join(str(v).lower() if isinstance(v, bool) else repr(v) for v in valid)})")
     defaults = {name: field.default for name, field in type(cfg).model_fields.items()}
     for name in set(type(cfg).model_fields) - KNOWN_FIELDS:
         if getattr(cfg, name) != defaults[name]:
@@ -87,9 +102,17 @@ def to_transformer_lens(model, requires_grad: bool = False):
                           "attention blocks to map onto a TransformerBridge")
     _check_supported(model)
     config = bridge_config(model)
-    state = {TOP_LEVEL.get(key, key): value.detach().to("cpu", torch.float32) for key, value in model.state_dict().items()}
-    if "pos_embed.W_pos" not in state:  # positional = "none": a zero positional embedding is the same function
+    # every layer's weights, shared blocks' too (their state dict holds block 0's only); sinusoidal W_pos is a buffer
+    weights = dict(model.named_parameters(remove_duplicate=False))
+    state = {TOP_LEVEL.get(key, key): value.detach().to("cpu", torch.float32).clone() for key, value in weights.items()}
+    if model.W_pos is None:  # positional = "none": a zero positional embedding is the same function
         state["pos_embed.W_pos"] = torch.zeros(model.cfg.n_ctx, model.cfg.d_model)
+    elif "pos_embed.W_pos" not in state:  # sinusoidal: the fixed table, as a learned one
+        state["pos_embed.W_pos"] = model.W_pos.detach().to("cpu", torch.float32).clone()
+    if model.cfg.attn_score == "dot":  # q.k = (sqrt(d_head) q).k / sqrt(d_head): the bridge's scaled score
+        for layer in range(model.cfg.n_layers):
+            for name in ("W_Q", "b_Q"):
+                state[f"blocks.{layer}.attn.{name}"] *= model.cfg.d_head ** 0.5
     bridge = TransformerBridge.boot_native(config)
     converted = convert_tl_checkpoint(state, bridge.cfg)
     result = bridge.load_state_dict(converted, strict=False)

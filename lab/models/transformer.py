@@ -12,6 +12,11 @@ Weights carry TransformerLens names too: `W_E`, `W_pos`, `blocks[l].attn.W_Q/W_K
 
 Shapes use: batch, pos (= query or key), d_model, head, d_head, d_mlp, vocab.
 
+The architecture questions of issue 17 are config switches with the same hook names: the attention
+score (`attn_score`, section 1: adds `W_score` or `v_score` per block), one block's weights at every
+layer (`shared_blocks`, section 4), no skip connections (`residual = false`, section 3), and
+learned, sinusoidal or no positions (`positional`, section 4).
+
 Training reads the logits of one position only: `Transformer.forward_at` computes just those, with
 these modules' weights and the same result, in section 5 at the end of this file. Analyses that read
 one position (head and neuron ablations) call the same path in its two steps, `read_at` (the
@@ -58,8 +63,25 @@ class LayerNorm(nn.Module):
 
 # --- 1. Attention --------------------------------------------------------------------------------
 # Each head asks, at every query position, "which earlier (or any, if bidirectional) positions
-# matter to me?": scores = q·k / sqrt(d_head), masked, softmaxed over keys into a pattern, and the
-# head's output at the query is the pattern-weighted sum of values.
+# matter to me?": a score for every (query, key) pair, masked, softmaxed over keys into a pattern,
+# and the head's output at the query is the pattern-weighted sum of values.
+#
+# The score is `cfg.attn_score` (issue 17: why this one?), with q = W_Q x and k = W_K x per head:
+#   "scaled_dot" (default)  q.k / sqrt(d_head)          Vaswani et al. 2017
+#   "dot"                   q.k                         Luong et al. 2015, "dot"
+#   "general"               q W_score k                 Luong et al. 2015, "general" (bilinear); W_score
+#                                                       (head, d_head, d_head) starts at I / sqrt(d_head),
+#                                                       i.e. as the scaled dot product, and is learned
+#   "additive"              v_score . tanh(q + k)       Bahdanau et al. 2015, with v_score (head, d_head);
+#                                                       costs (batch, query, key, head, d_head) memory
+#
+# Two ways compute the same thing. The explicit one below runs every hook point and is the reference.
+# When no hook is attached to the scores or the pattern (training, plain inference), dot-product
+# scores go through PyTorch's fused `scaled_dot_product_attention` instead, which never materialises
+# them (q and k are computed as before, so hook_q/hook_k/hook_v/hook_z still fire); it was 1.4x to 3.5x
+# faster than the explicit path at 3 to 256 positions (forward + backward, CPU). Under torch.func
+# transforms (the sweeps' vmap over members) the explicit path runs: SDPA has no batching rule there,
+# warns, and loops over members, 1.5x slower than the explicit path at 16 members of 17 or 64 positions.
 
 
 class Attention(nn.Module):
@@ -69,6 +91,7 @@ class Attention(nn.Module):
         super().__init__()
         h, d, e = cfg.n_heads, cfg.d_model, cfg.d_head
         self.causal = bool(cfg.causal)
+        self.score = cfg.attn_score
         self.W_Q = nn.Parameter(torch.empty(h, d, e))
         self.W_K = nn.Parameter(torch.empty(h, d, e))
         self.W_V = nn.Parameter(torch.empty(h, d, e))
@@ -77,6 +100,10 @@ class Attention(nn.Module):
         self.b_K = nn.Parameter(torch.zeros(h, e))
         self.b_V = nn.Parameter(torch.zeros(h, e))
         self.b_O = nn.Parameter(torch.zeros(d))
+        if self.score == "general":
+            self.W_score = nn.Parameter(torch.eye(e).expand(h, e, e) / math.sqrt(e))  # (head, d_head, d_head)
+        if self.score == "additive":
+            self.v_score = nn.Parameter(torch.empty(h, e))  # (head, d_head)
         self.hook_q = HookPoint()  # (batch, pos, head, d_head)
         self.hook_k = HookPoint()  # (batch, pos, head, d_head)
         self.hook_v = HookPoint()  # (batch, pos, head, d_head)
@@ -89,14 +116,52 @@ class Attention(nn.Module):
         q = self.hook_q(einsum(x, self.W_Q, "batch pos d_model, head d_model d_head -> batch pos head d_head") + self.b_Q)
         k = self.hook_k(einsum(x, self.W_K, "batch pos d_model, head d_model d_head -> batch pos head d_head") + self.b_K)
         v = self.hook_v(einsum(x, self.W_V, "batch pos d_model, head d_model d_head -> batch pos head d_head") + self.b_V)
-
-        scores = einsum(q, k, "batch query head d_head, batch key head d_head -> batch head query key")
-        scores = scores / math.sqrt(q.shape[-1])
-        scores = self.hook_attn_scores(scores.masked_fill(self._mask(x.shape[1], key_padding, x.device), float("-inf")))
-        pattern = self.hook_pattern(scores.softmax(dim=-1))  # (batch, head, query, key)
-
-        z = self.hook_z(einsum(pattern, v, "batch head query key, batch key head d_head -> batch query head d_head"))
+        if self.fused_applies(q):
+            z = self._fused(q, k, v, key_padding)
+        else:
+            scores = self.hook_attn_scores(self.scores(q, k).masked_fill(self._mask(x.shape[1], key_padding, x.device), float("-inf")))
+            pattern = self.hook_pattern(scores.softmax(dim=-1))  # (batch, head, query, key)
+            z = einsum(pattern, v, "batch head query key, batch key head d_head -> batch query head d_head")
+        z = self.hook_z(z)
         return einsum(z, self.W_O, "batch pos head d_head, head d_head d_model -> batch pos d_model") + self.b_O
+
+    def scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """q, k (batch, pos, head, d_head) -> unmasked scores (batch, head, query, key), as `cfg.attn_score` says."""
+        if self.score == "additive":
+            # (batch, query, 1, head, d_head) + (batch, 1, key, head, d_head): every (query, key) pair's sum
+            hidden = torch.tanh(q[:, :, None] + k[:, None, :])
+            return einsum(hidden, self.v_score, "batch query key head d_head, head d_head -> batch head query key")
+        if self.score == "general":
+            q = self._bilinear(q)
+        scores = einsum(q, k, "batch query head d_head, batch key head d_head -> batch head query key")
+        return scores / math.sqrt(q.shape[-1]) if self.score == "scaled_dot" else scores
+
+    def _bilinear(self, q: torch.Tensor) -> torch.Tensor:
+        """q (batch, pos, head, d_head) -> q W_score, so that the general score q W_score k is a dot product with k."""
+        return einsum(q, self.W_score, "batch query head d_head, head d_head d_key -> batch query head d_key")
+
+    def fused_applies(self, q: torch.Tensor) -> bool:
+        """True when `_fused` computes this forward: a dot-product score (the general one is a dot
+        product of q W_score with k), no hook on the scores or pattern (which it never forms), and q
+        not under a torch.func transform (vmap, grad), where the explicit path is faster."""
+        return (self.score != "additive"
+                and not any(point.fwd_hooks or point.bwd_hooks or point._forward_hooks or point._backward_hooks
+                            for point in (self.hook_attn_scores, self.hook_pattern))
+                and not torch._C._functorch.is_functorch_wrapped_tensor(q))
+
+    def _fused(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding: torch.Tensor | None) -> torch.Tensor:
+        """The explicit path's z (batch, query, head, d_head) through `F.scaled_dot_product_attention`."""
+        if self.score == "general":
+            q = self._bilinear(q)
+        scale = None if self.score == "scaled_dot" else 1.0  # None: SDPA's own 1 / sqrt(d_head)
+        # SDPA wants (batch, head, pos, d_head); its boolean mask is True where a query may look
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if key_padding is None:
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=scale)
+        else:
+            allowed = ~self._mask(q.shape[2], key_padding, q.device)  # (batch, 1, query, key)
+            z = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+        return z.transpose(1, 2)  # (batch, head, query, d_head) -> (batch, query, head, d_head)
 
     def _mask(self, n_pos: int, key_padding: torch.Tensor | None, device) -> torch.Tensor:
         """True where a query may not look: future keys (causal) and padding keys. (batch|1, 1, query, key)"""
@@ -138,12 +203,15 @@ class MLP(nn.Module):
 # --- 3. Block ------------------------------------------------------------------------------------
 # The residual stream is a running sum: each block reads it, and adds what attention and the MLP
 # write. resid_pre -> (+ attn_out) -> resid_mid -> (+ mlp_out) -> resid_post.
+# Without skip connections (`cfg.residual = false`, issue 17) each sub-layer's output replaces the
+# stream instead: resid_mid = attn_out, resid_post = mlp_out (LayerNorms stay where they are).
 
 
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         use_ln = cfg.normalization == "LN"
+        self.residual = cfg.residual
         self.ln1 = LayerNorm(cfg.d_model) if use_ln else nn.Identity()
         self.attn = Attention(cfg)
         self.mlp = None if cfg.attn_only else MLP(cfg)
@@ -156,14 +224,26 @@ class TransformerBlock(nn.Module):
 
     def forward(self, resid: torch.Tensor, key_padding: torch.Tensor | None) -> torch.Tensor:
         resid = self.hook_resid_pre(resid)
-        resid = self.hook_resid_mid(resid + self.hook_attn_out(self.attn(self.ln1(resid), key_padding)))
+        attn_out = self.hook_attn_out(self.attn(self.ln1(resid), key_padding))
+        resid = self.hook_resid_mid(resid + attn_out if self.residual else attn_out)
         if self.mlp is not None:
-            resid = resid + self.hook_mlp_out(self.mlp(self.ln2(resid)))
+            mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid)))
+            resid = resid + mlp_out if self.residual else mlp_out
         return self.hook_resid_post(resid)
 
 
 # --- 4. Transformer ------------------------------------------------------------------------------
-# Embed tokens (plus positions, if learned), run the blocks, unembed into output logits.
+# Embed tokens (plus positions), run the blocks, unembed into output logits.
+#
+# Positions (`cfg.positional`): "learned" W_pos (n_ctx, d_model), a parameter; "sinusoidal", the fixed
+# table of Vaswani et al. 2017 as a buffer named W_pos too (not trained, not saved: it is a function of
+# the shape), extended on the fly for inputs longer than n_ctx; "none", no W_pos (attention is then
+# permutation equivariant, and inputs may have any length).
+#
+# Shared blocks (`cfg.shared_blocks`, the Universal Transformer's question): every block's parameters
+# are block 0's Parameter objects, so each layer keeps its own modules and hook points (blocks.{l}.…
+# fire at every layer, `cache["pattern", l]` works) while `parameters()` holds one block. The state
+# dict holds block 0's weights only (safetensors refuses aliased tensors) and loading re-ties them.
 
 
 class Transformer(HookedRootModule):
@@ -174,8 +254,18 @@ class Transformer(HookedRootModule):
             raise ValueError(f"model config lacks {', '.join(missing)}: build it from ExperimentConfig.resolve()")
         self.cfg = cfg
         self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
-        self.W_pos = nn.Parameter(torch.empty(cfg.n_ctx, cfg.d_model)) if cfg.positional == "learned" else None
+        if cfg.positional == "learned":
+            self.W_pos = nn.Parameter(torch.empty(cfg.n_ctx, cfg.d_model))
+        elif cfg.positional == "sinusoidal":
+            self.register_buffer("W_pos", sinusoidal_positions(cfg.n_ctx, cfg.d_model), persistent=False)
+        else:
+            self.W_pos = None
         self.blocks = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.n_layers)])
+        if cfg.shared_blocks:
+            for block in self.blocks[1:]:
+                _tie(block, self.blocks[0])
+            self.register_state_dict_post_hook(_drop_shared_weights)
+            self.register_load_state_dict_pre_hook(_fill_shared_weights)
         self.ln_final = LayerNorm(cfg.d_model) if cfg.normalization == "LN" else nn.Identity()
         self.W_U = nn.Parameter(torch.empty(cfg.d_model, cfg.d_vocab_out))
         self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab_out))
@@ -186,12 +276,18 @@ class Transformer(HookedRootModule):
 
     def init_weights(self, seed: int) -> None:
         """TransformerLens's GPT-2 init: every weight matrix ~ N(0, (0.8 / sqrt(d_model))^2), biases 0,
-        times `cfg.init_scale` (Omnigrok's alpha: the weight norm grokking starts from; LayerNorm gains stay 1)."""
+        times `cfg.init_scale` (Omnigrok's alpha: the weight norm grokking starts from; LayerNorm gains stay 1).
+        The attention score's own weights: `v_score` (additive) is drawn like a weight matrix; `W_score`
+        (general) starts at I / sqrt(d_head), so the general score begins as the scaled dot product."""
         generator = torch.Generator().manual_seed(seed)
         std = 0.8 / math.sqrt(self.cfg.d_model) * self.cfg.init_scale  # * 1.0 is exact: the default init is unchanged
         with torch.no_grad():
-            for name, param in self.named_parameters():
-                if name.rsplit(".", 1)[-1].startswith("W_"):
+            for name, param in self.named_parameters():  # shared blocks: one block's, once
+                leaf = name.rsplit(".", 1)[-1]
+                if leaf == "W_score":
+                    d_head = param.shape[-1]
+                    param.copy_(torch.eye(d_head).expand_as(param) / math.sqrt(d_head))
+                elif leaf.startswith("W_") or leaf == "v_score":
                     param.copy_(torch.randn(param.shape, generator=generator) * std)
 
     def prepare_input(self, tokens: torch.Tensor, key_padding: torch.Tensor | None = None
@@ -203,7 +299,7 @@ class Transformer(HookedRootModule):
         if tokens.ndim == 1:
             tokens = tokens[None]  # (pos,) -> (1, pos)
         n_pos = tokens.shape[1]
-        if self.W_pos is not None and n_pos > self.cfg.n_ctx:
+        if self.cfg.positional == "learned" and n_pos > self.cfg.n_ctx:
             raise ValueError(f"input of {n_pos} positions is longer than this model's n_ctx of {self.cfg.n_ctx}")
         if key_padding is None and self.cfg.pad_token_id is not None:
             key_padding = tokens == self.cfg.pad_token_id
@@ -220,10 +316,17 @@ class Transformer(HookedRootModule):
         resid = self.hook_embed(self.W_E[tokens])  # (batch, pos, d_model)
         if self.W_pos is not None:
             # W_pos[:pos] (pos, d_model) -> (batch, pos, d_model)
-            resid = resid + self.hook_pos_embed(self.W_pos[: tokens.shape[1]].expand_as(resid))
+            resid = resid + self.hook_pos_embed(self.positions(tokens.shape[1]).expand_as(resid))
         for block in self.blocks:
             resid = block(resid, key_padding)
         return einsum(self.ln_final(resid), self.W_U, "batch pos d_model, d_model vocab -> batch pos vocab") + self.b_U
+
+    def positions(self, n_pos: int) -> torch.Tensor:
+        """The positional embeddings of the first `n_pos` positions (n_pos, d_model); sinusoidal ones
+        exist for any length."""
+        if n_pos > self.W_pos.shape[0]:  # only sinusoidal positions get here (prepare_input refuses learned ones)
+            return sinusoidal_positions(n_pos, self.cfg.d_model).to(self.W_pos)
+        return self.W_pos[:n_pos]
 
     def forward_at(self, tokens: torch.Tensor, position: int | None, key_padding: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (batch, pos) -> logits (batch, d_vocab_out) at `position`: `forward(tokens)[:, position]`
@@ -255,6 +358,45 @@ class Transformer(HookedRootModule):
         return self.W_E.device
 
 
+def sinusoidal_positions(n_pos: int, d_model: int) -> torch.Tensor:
+    """Vaswani et al. 2017, section 3.5: PE[pos, 2i] = sin(pos / 10000^(2i / d_model)), PE[pos, 2i + 1] =
+    cos(the same). (n_pos, d_model); an odd d_model's last column is a sine."""
+    position = torch.arange(n_pos, dtype=torch.float64)[:, None]  # (pos, 1)
+    frequency = 10000.0 ** (-torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)  # (ceil(d_model / 2),)
+    angles = position * frequency  # (pos, ceil(d_model / 2))
+    table = torch.empty(n_pos, d_model, dtype=torch.float64)
+    table[:, 0::2] = angles.sin()
+    table[:, 1::2] = angles.cos()[:, : d_model // 2]
+    return table.float()
+
+
+def _tie(block: nn.Module, first: nn.Module) -> None:
+    """Make every parameter of `block` the very Parameter object of `first` (same module layout)."""
+    for module, source in zip(block.modules(), first.modules()):
+        for name, param in source.named_parameters(recurse=False):
+            setattr(module, name, param)
+
+
+def _shared_keys(model: "Transformer", prefix: str) -> list[tuple[str, str]]:
+    """(key of a later block's tied weight, block 0's key for it) in a state dict with this prefix."""
+    first = dict(model.blocks[0].named_parameters())
+    return [(f"{prefix}blocks.{layer}.{name}", f"{prefix}blocks.0.{name}")
+            for layer in range(1, len(model.blocks)) for name in first]
+
+
+def _drop_shared_weights(model: "Transformer", state_dict: dict, prefix: str, local_metadata) -> None:
+    """state_dict post-hook: block 0's weights only (safetensors refuses tensors that share memory)."""
+    for key, _ in _shared_keys(model, prefix):
+        state_dict.pop(key, None)
+
+
+def _fill_shared_weights(model: "Transformer", state_dict: dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook: every layer loads block 0's weights (into the same, tied Parameters)."""
+    for key, first in _shared_keys(model, prefix):
+        if first in state_dict:
+            state_dict.setdefault(key, state_dict[first])
+
+
 # --- 5. The one-position path -------------------------------------------------------------------
 # A model's computation at one position: for training, and for the analyses that read one position.
 #
@@ -281,6 +423,11 @@ class Transformer(HookedRootModule):
 # last block's and the embedding's hook points, which are identities: while any TransformerLens hook
 # is attached `forward_at` runs `forward`, and `read_at` runs the earlier blocks as modules, so
 # hooks there apply (how analyses patch an earlier layer), and refuses hooks where it runs none.
+#
+# It implements the default transformer and these variants: shared blocks (the last block's weights
+# are the shared ones), sinusoidal positions within n_ctx. For the others (attn_score other than
+# "scaled_dot", residual = false, sinusoidal inputs longer than n_ctx) `forward_at` runs
+# `forward(tokens)[:, position]`, and `read_at` raises ValueError (`_unsupported_variant`).
 
 
 @dataclass
@@ -306,7 +453,7 @@ def forward_at(model: Transformer, tokens: torch.Tensor, position: int,
                key_padding: torch.Tensor | None = None) -> torch.Tensor:
     """tokens (batch, pos) -> logits (batch, d_vocab_out) at `position` (negative counts from the end):
     `model(tokens)[:, position]` up to float rounding, gradients included, at a fraction of the cost."""
-    if hooks_attached(model):
+    if hooks_attached(model) or _unsupported_variant(model, tokens):
         return model(tokens, key_padding)[:, position]
     read = _read_at(model, tokens, position, key_padding)
     return logits_at(model, read.resid, read.z)
@@ -316,7 +463,11 @@ def read_at(model: Transformer, tokens: torch.Tensor, position: int,
             key_padding: torch.Tensor | None = None) -> ReadAt:
     """tokens (batch, pos) -> `ReadAt` at `position`: what the last block reads and computes there.
     Hooks on the earlier blocks apply; a hook where this path runs no hook point (the embeddings,
-    the last block, ln_final) raises ValueError, since it would be silently skipped."""
+    the last block, ln_final) raises ValueError, since it would be silently skipped, and so does a
+    model variant this path does not implement."""
+    variant = _unsupported_variant(model, tokens)
+    if variant:
+        raise ValueError(f"read_at does not implement {variant}; use model.run_with_cache and read the last block's hooks")
     last = len(model.blocks) - 1
     skipped = [name for name, point in model.hook_dict.items()
                if (point.fwd_hooks or point.bwd_hooks) and not _in_earlier_block(name, last)]
@@ -324,6 +475,18 @@ def read_at(model: Transformer, tokens: torch.Tensor, position: int,
         raise ValueError(f"a hook on {skipped[0]} would not run: read_at runs hook points only in blocks 0..{last - 1}; "
                          "use model.run_with_hooks for hooks there")
     return _read_at(model, tokens, position, key_padding, by_rows=True)
+
+
+def _unsupported_variant(model: Transformer, tokens: torch.Tensor) -> str | None:
+    """The model setting this path does not implement, as a phrase, or None if it implements them all."""
+    cfg = model.cfg
+    if cfg.attn_score != "scaled_dot":
+        return f"model.attn_score = {cfg.attn_score!r}"
+    if not cfg.residual:
+        return "model.residual = false"
+    if model.W_pos is not None and tokens.shape[-1] > model.W_pos.shape[0]:
+        return f"sinusoidal positions beyond n_ctx = {model.W_pos.shape[0]}"
+    return None
 
 
 def _in_earlier_block(hook_name: str, last: int) -> bool:
