@@ -94,6 +94,10 @@ class OVCircuit:
 def _target(run_or_model, step, task, what: str):
     target = private_target(run_or_model, step, task)  # a private copy: LayerNorm hook points fire here
     require_attention(target.model, what)
+    score = getattr(target.model.cfg, "attn_score", "scaled_dot")
+    if score != "scaled_dot":  # the circuits below are written for softmax(q.k / sqrt(d_head))
+        raise ValueError(f"{what} reads the scaled dot-product score q.k/sqrt(d_head); this model has "
+                         f"model.attn_score = {score!r}")
     return target
 
 
