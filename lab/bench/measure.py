@@ -29,9 +29,7 @@ def step_flops(cfg: ModelConfig, batch: int, n_pos: int, causal_keys: int | None
     d, he, h, e = cfg.d_model, cfg.n_heads * cfg.d_head, cfg.n_heads, cfg.d_head
     keys = n_pos if causal_keys is None else causal_keys
     mlp = 0 if cfg.attn_only else 2 * 2 * d * cfg.d_mlp
-    per_position_full = 2 * d * 3 * he + 2 * he * d + mlp  # QKV, O, MLP at one position
-    scores_full = 2 * 2 * h * e * n_pos * n_pos  # q·k and pattern·v over all (query, key) pairs
-    forward = (cfg.n_layers - 1) * batch * (n_pos * per_position_full + scores_full)
+    forward = (cfg.n_layers - 1) * batch * _layer_flops(cfg, n_pos)
     if cfg.n_layers == 1 and cfg.normalization == "none":
         forward += (cfg.d_vocab + n_pos) * 2 * d * 3 * he  # the Q, K, V tables
         if cfg.d_vocab * cfg.d_vocab <= batch * e:  # scores from a (query token, key, key token) table
@@ -43,6 +41,23 @@ def step_flops(cfg: ModelConfig, batch: int, n_pos: int, causal_keys: int | None
         last = keys * 2 * d * 2 * he + 2 * d * he + 2 * 2 * h * e * keys + 2 * he * d + mlp
     forward += batch * (last + 2 * d * cfg.d_vocab_out)
     return 3 * forward
+
+
+def sequence_step_flops(cfg: ModelConfig, batch: int, n_pos: int) -> int:
+    """Matmul FLOPs of one full-sequence training step (a language model: logits at every position), 2
+    per multiply-add: every layer at every position, the unembedding at every position; backward twice
+    the forward, as in `step_flops`. Attention counts every (query, key) pair, as a dense
+    softmax(q k^T) v does and as `torch.utils.flop_counter` counts fused attention (a causal kernel
+    may skip the masked half)."""
+    return 3 * batch * (cfg.n_layers * _layer_flops(cfg, n_pos) + n_pos * 2 * cfg.d_model * cfg.d_vocab_out)
+
+
+def _layer_flops(cfg: ModelConfig, n_pos: int) -> int:
+    """Forward matmul FLOPs of one block over one input of `n_pos` positions: Q, K, V, O and the MLP at
+    every position, q·k and pattern·v over every (query, key) pair."""
+    d, he = cfg.d_model, cfg.n_heads * cfg.d_head
+    mlp = 0 if cfg.attn_only else 2 * 2 * d * cfg.d_mlp
+    return n_pos * (2 * d * 3 * he + 2 * he * d + mlp) + 2 * 2 * he * n_pos * n_pos
 
 
 # --- timing --------------------------------------------------------------------------------------
@@ -65,6 +80,11 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int, warmu
             if r >= warmup:
                 times[name].append(time.perf_counter() - start)
     return times
+
+
+def matmul_n(device: torch.device) -> int:
+    """The size of the peak-probing matmul: large enough to run at the device's peak, small enough to time often."""
+    return 2048 if device.type == "cpu" else 8192
 
 
 def matmul_sample(n: int, device: torch.device) -> tuple[int, Callable[[], object]]:

@@ -13,6 +13,13 @@
    `--quick` runs only modadd_quick. The wall time of a whole `lab train modadd_quick` process is
    measured too.
 3. Peak memory (max RSS, or CUDA max allocated) of a training run on the Nanda setup.
+4. The full-sequence step of a language model (the shipped text experiment, shakespeare): ours against
+   PyTorch's own `nn.TransformerEncoder` and the TransformerLens bridge (lab/bench/sequence.py).
+5. Sweeps: a stacked ensemble against its members one after another (lab/bench/sweep.py).
+
+`--quick` caps every grok run at `QUICK_MAX_STEPS` (a case that has not grokked by then is reported
+as `>N`), so that it finishes in about three minutes on an idle 2-core machine; the full bench caps
+them at `--max-steps` (20,000 by default).
 
 JSON keys (`--json PATH`) are documented in the README's benchmark section.
 """
@@ -22,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -33,10 +41,12 @@ from typing import Callable
 
 import torch
 
+from lab.bench import FULL_MAX_STEPS, QUICK_MAX_STEPS
+from lab.bench.sequence import bench_sequence_step
 from lab.bench.sweep import bench_sweep
 from lab.config import load_experiment
 from lab.models.export import to_transformer_lens
-from lab.bench.measure import interleaved_medians, matmul_sample, step_flops
+from lab.bench.measure import interleaved_medians, matmul_n, matmul_sample, step_flops
 from lab.training.recipes import RECIPES, recipe_overrides
 from lab.runs.storage import atomic_write_json
 from lab.training.trainer import Trainer, resolve_device
@@ -49,6 +59,7 @@ class BenchSetup:
     step: str = "nanda_2023"  # step timing and peak memory
     grok: tuple[str, ...] = ("modadd_quick", "nanda_2023")  # steps to grok per recipe (--quick: the first)
     wall: str = "modadd_quick"  # the whole `lab train` process, start to exit
+    sequence: str = "shakespeare"  # the full-sequence (language-model) step against PyTorch's encoder and the bridge
 
 
 # --- FLOPs ---------------------------------------------------------------------------------------
@@ -57,7 +68,7 @@ class BenchSetup:
 def transformer_lens_step(ours: Trainer, device: torch.device) -> tuple[Callable[[], torch.Tensor], torch.nn.Module]:
     """One training step as in TransformerLens's Grokking demo, on a native TransformerBridge of the same
     config (`boot_native`, via `lab.models.export`) that starts from our model's weights."""
-    model = to_transformer_lens(ours.model, requires_grad=True).to(device).train()
+    model = to_transformer_lens(ours.model, requires_grad=True).to(device, print_details=False).train()
     tc = ours.config.train
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=tc.betas)
     tokens, labels = ours.train_split.tokens, ours.train_split.labels
@@ -83,7 +94,7 @@ def bench_step(rounds: int, device: torch.device, log: Callable[[str], None], ex
     with torch.no_grad():
         tokens = ours.train_split.tokens[:256]
         same = (bridge(tokens)[:, -1] - ours.model(tokens)[:, -1]).abs().max().item()
-    n = 2048 if device.type == "cpu" else 8192
+    n = matmul_n(device)
     peak_flops, matmul = matmul_sample(n, device)
     flops = step_flops(config.model, len(ours.train_split), config.model.n_ctx)
     log(f"timing {rounds} interleaved rounds of: TransformerLens step, our step, {n}^3 matmul ...")
@@ -196,10 +207,15 @@ def bench_memory(device: torch.device, experiment: str = "nanda_2023") -> dict:
 # --- the whole bench -----------------------------------------------------------------------------
 
 
-def run_bench(quick: bool = False, device: str = "cpu", max_steps: int = 20000, rounds: int | None = None,
+def run_bench(quick: bool = False, device: str = "cpu", max_steps: int | None = None, rounds: int | None = None,
               log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
               setup: BenchSetup = BenchSetup()) -> dict:
+    """Every figure of `lab bench` as plain data. `max_steps` caps each grok run (default FULL_MAX_STEPS,
+    or QUICK_MAX_STEPS with `quick`)."""
     dev = resolve_device(device)
+    if max_steps is None:
+        max_steps = QUICK_MAX_STEPS if quick else FULL_MAX_STEPS
+    began = time.perf_counter()
     result: dict = {
         "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
@@ -209,7 +225,7 @@ def run_bench(quick: bool = False, device: str = "cpu", max_steps: int = 20000, 
         "load_average_1m": os.getloadavg()[0],
         "quick": quick,
         "max_steps": max_steps,
-        "setup": {"step": setup.step, "grok": list(setup.grok), "wall": setup.wall},
+        "setup": {"step": setup.step, "grok": list(setup.grok), "wall": setup.wall, "sequence": setup.sequence},
     }
     step = bench_step(rounds or (10 if quick else 30), dev, log, setup.step)
     result["step"] = step
@@ -217,6 +233,12 @@ def run_bench(quick: bool = False, device: str = "cpu", max_steps: int = 20000, 
         f"({step['step_speedup_vs_transformer_lens']:.2f}x), {100 * step['share_of_matmul_peak']:.0f}% of the matmul peak")
     result["step_speedup_vs_transformer_lens"] = step["step_speedup_vs_transformer_lens"]
     result["share_of_matmul_peak"] = step["share_of_matmul_peak"]
+    sequence = result["sequence_step"] = bench_sequence_step(rounds or (10 if quick else 30), dev, log, setup.sequence)
+    log(f"full-sequence step ({setup.sequence}): ours {sequence['ours_ms']:.1f} ms, PyTorch's encoder "
+        f"{sequence['torch_encoder_ms']:.1f} ms ({sequence['speedup_vs_torch_encoder']:.2f}x), TransformerLens "
+        f"{sequence['transformer_lens_ms']:.1f} ms ({sequence['speedup_vs_transformer_lens']:.2f}x)")
+    result["sequence_step_speedup_vs_torch_encoder"] = sequence["speedup_vs_torch_encoder"]
+    result["sequence_step_speedup_vs_transformer_lens"] = sequence["speedup_vs_transformer_lens"]
     result["grok"] = {}
     for experiment in setup.grok[:1] if quick else setup.grok:
         result["grok"][experiment] = {}
@@ -230,11 +252,16 @@ def run_bench(quick: bool = False, device: str = "cpu", max_steps: int = 20000, 
     # Sweeps: 64 members trained as one stacked ensemble against the same members one after another.
     result["sweep"] = bench_sweep(device, rounds=rounds, sizes=("small",) if quick else ("small", "quick"), log=log)
     result["load_average_1m_end"] = os.getloadavg()[0]
+    result["wall_s"] = round(time.perf_counter() - began, 1)
+    # CPU seconds of this process and the ones it ran (lab train, the memory probe): under load the wall
+    # time stretches, this much less; with one thread (OMP_NUM_THREADS=1) it is about the idle wall time
+    used = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    result["cpu_s"] = round(sum(u.ru_utime + u.ru_stime for u in used), 1)
     return result
 
 
 def format_table(result: dict) -> str:
-    s = result["step"]
+    s, q = result["step"], result["sequence_step"]
     step_setup = result.get("setup", {}).get("step", "nanda_2023")
     lines = [
         f"device {result['device']} ({result['device_name']}), torch {result['torch']}, {result['threads']} threads, "
@@ -247,7 +274,16 @@ def format_table(result: dict) -> str:
         f"  fp32 matmul peak      {s['matmul_peak_gflops_per_s']:9.1f} GFLOP/s ({s['matmul_n']}^3)",
         f"  share of matmul peak  {100 * s['share_of_matmul_peak']:9.1f} %",
         "",
-        "Steps to grok (first eval with test acc >= 0.99)",
+        f"Full-sequence step of {q['experiment']} ({q['model']['n_layers']} layers, d_model {q['model']['d_model']}, "
+        f"vocab {q['model']['d_vocab']}; batch {q['batch']} x {q['positions']} tokens; medians of {q['rounds']} interleaved rounds)",
+        f"  ours                  {q['ours_ms']:9.1f} ms   {q['ours_tokens_per_s']:9.0f} tokens/s   "
+        f"{100 * q['share_of_matmul_peak']:.0f}% of the matmul peak ({q['flops_per_step'] / 1e9:.2f} GFLOP/step)",
+        f"  PyTorch encoder       {q['torch_encoder_ms']:9.1f} ms   {q['torch_encoder_tokens_per_s']:9.0f} tokens/s   "
+        f"ours {q['speedup_vs_torch_encoder']:.2f}x",
+        f"  TransformerLens       {q['transformer_lens_ms']:9.1f} ms   {q['transformer_lens_tokens_per_s']:9.0f} tokens/s   "
+        f"ours {q['speedup_vs_transformer_lens']:.2f}x",
+        "",
+        f"Steps to grok (first eval with test acc >= 0.99; runs capped at {result['max_steps']} steps)",
         f"  {'experiment':<14}{'recipe':<22}{'memorized':>10}{'grokked':>9}{'seconds':>9}",
     ]
     for experiment, recipes in result["grok"].items():
@@ -272,10 +308,12 @@ def format_table(result: dict) -> str:
             f = sweep[size]
             lines.append(f"  {size:<6} {f['speedup_vs_sequential']:6.2f}x sequential, {f['member_steps_per_s']:8.0f} member steps/s, "
                          f"{100 * f['share_of_matmul_peak']:5.1f}% of the matmul peak")
+    if "wall_s" in result:
+        lines += ["", f"bench wall time {result['wall_s']:.0f} s ({result['cpu_s']:.0f} CPU seconds)"]
     return "\n".join(lines)
 
 
-def main(quick: bool, device: str, max_steps: int, json_path: str | None, rounds: int | None = None,
+def main(quick: bool, device: str, max_steps: int | None, json_path: str | None, rounds: int | None = None,
          setup: BenchSetup = BenchSetup()) -> int:
     result = run_bench(quick=quick, device=device, max_steps=max_steps, rounds=rounds, setup=setup)
     print(format_table(result))

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from lab.bench.measure import sync, interleaved_medians, matmul_sample, step_flops
+from lab.bench.measure import interleaved_medians, matmul_n, matmul_sample, step_flops, sync
 from lab.config import ExperimentConfig, load_experiment, validate_experiment
 from lab.sweeps.ensemble import StackedEnsemble
 from lab.training.trainer import Trainer, resolve_device
@@ -126,7 +126,7 @@ def bench_sweep(device: str = "cpu", rounds: int | None = None, sizes=SIZES, log
     """`sweep` figures of `lab bench`: per size (small, quick) speedup_vs_sequential, member_steps_per_s,
     share_of_matmul_peak and the step times they come from (see the module docstring)."""
     dev = resolve_device(device)
-    n = 2048 if dev.type == "cpu" else 8192
+    n = matmul_n(dev)
     peak_probe = matmul_sample(n, dev)
     result: dict = {"device": str(dev), "threads": torch.get_num_threads(), "matmul_n": n}
     for size in sizes:

@@ -561,7 +561,9 @@ class Trainer:
         params = dict(self.model.named_parameters())
         for name, fields in state.optimizer.items():
             for key, value in fields.items():
-                self.optimizer.state[params[name]][key] = value.to(self.device) if value.ndim else value
+                # fused AdamW keeps its step count on the parameter's device (CUDA too); the others keep it on the CPU
+                on_device = value.ndim or self.optimizer.defaults.get("fused")
+                self.optimizer.state[params[name]][key] = value.to(self.device) if on_device else value
         if self.grad_filter is not None:
             self.grad_filter.load_state_tensors({k: v.to(self.device) for k, v in state.grad_filter.items()})
         self.step = state.step
