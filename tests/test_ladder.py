@@ -23,7 +23,7 @@ from lab.tasks import make_task
 from lab.training.trainer import Trainer
 
 OTHER_ARCHS = [arch for arch in ARCHS if arch != "transformer"]
-WIDTHS = {"mlp_width": 24, "cnn_channels": 12, "cnn_layers": 2, "linear_width": 0}
+WIDTHS = {"mlp_width": 24, "cnn_channels": 12, "cnn_layers": 2, "linear_width": 0, "lstm_hidden": 12}
 TINY_AB = {
     "name": "tiny_ab",
     "task": {"name": "a_and_b", "alphabet": "abxy", "max_train_len": 8, "max_test_len": 16, "max_len": 32,
@@ -166,6 +166,7 @@ HOOKS = {
     "mlp": {"hook_embed", "hook_pooled", "layers.0.hook_pre", "layers.0.hook_post"},
     "cnn": {"hook_embed", "layers.0.hook_pre", "layers.0.hook_post", "layers.1.hook_pre", "layers.1.hook_post", "hook_pooled"},
     "linear": {"hook_features"},
+    "lstm": {"hook_embed", "layers.0.hook_h", "layers.0.hook_c"},
     "transformer": {"hook_embed", "blocks.0.attn.hook_pattern", "blocks.0.mlp.hook_post"},
 }
 
@@ -188,6 +189,10 @@ def test_run_with_cache_gives_the_hook_points(trained, task, arch):
         assert cache["layers.1.hook_post"].shape == (5, tokens.shape[1], model.cfg.cnn_channels)
         torch.testing.assert_close(cache["hook_pooled"], cache["layers.1.hook_post"].masked_fill(
             (tokens == (run.task.pad_token_id if run.task.pad_token_id is not None else -1))[..., None], -math.inf).amax(1))
+    if arch == "lstm":  # the logits read the last layer's h: at every position (modular, causal) or after the last token
+        h = cache["layers.0.hook_h"]
+        assert h.shape == cache["layers.0.hook_c"].shape == (5, tokens.shape[1], model.cfg.lstm_hidden)
+        torch.testing.assert_close(logits, (h if task == "modular" else h[:, -1:]) @ model.W_U + model.b_U)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -199,9 +204,9 @@ def test_predict_works_for_each_arch(trained, arch):
         assert lab.predict(run.model(), text, task=run.task).label == prediction.label
 
 
-@pytest.mark.parametrize("arch", ["mlp", "cnn", "linear"])
+@pytest.mark.parametrize("arch", ["mlp", "cnn", "linear", "lstm"])
 def test_an_answer_does_not_depend_on_the_padding_of_its_batch(arch):
-    """Pooled models mask padding: a string scores the same alone and beside a longer one."""
+    """Pooled models mask padding and the LSTM skips it: a string scores the same alone and beside a longer one."""
     config = config_for("a_and_b", arch).resolve()
     model, task = build_model(config.model).double(), make_task(config.task)
     alone = model(task.encode_batch(["xab"]))[:, 0]
@@ -235,13 +240,13 @@ def test_attention_analyses_say_in_one_line_that_the_arch_has_no_attention(train
     require_attention(trained["a_and_b", "transformer"], "anything")  # the transformer passes
 
 
-@pytest.mark.parametrize("arch", ["mlp", "cnn"])
-def test_fourier_analysis_reads_the_mlp_and_cnn(trained, arch):
+@pytest.mark.parametrize("arch", ["mlp", "cnn", "lstm"])
+def test_fourier_analysis_reads_the_mlp_cnn_and_lstm(trained, arch):
     run = trained["modular", arch]
     norms = lab.fourier_norms(run)
     assert list(norms["frequency"]) == list(range(11 // 2 + 1)) and (norms["embed_norm"] > 0).all()
     neurons = lab.neuron_frequencies(run)
-    assert len(neurons) == (run.config.model.mlp_width if arch == "mlp" else run.config.model.cnn_channels)
+    assert len(neurons) == {"mlp": run.config.model.mlp_width, "cnn": run.config.model.cnn_channels, "lstm": run.config.model.lstm_hidden}[arch]
     frame = lab.progress_measures(run)
     assert len(frame) == len(run.checkpoint_steps) and frame["gini_embed"].notna().all()
 
@@ -264,6 +269,11 @@ def test_fourier_analysis_finds_the_frequency_an_mlp_is_built_with():
         model.layers[0].W_in.copy_(W_in)
     keys = lab.key_frequencies(model, task=task)
     assert keys["frequency"].tolist() == [3]
+
+
+def test_neuron_ablation_of_an_lstm_says_in_one_line_why_not(trained):
+    with pytest.raises(ValueError, match="not available for arch 'lstm': its units feed their own recurrence"):
+        lab.ablate_neurons(trained["modular", "lstm"], [0])
 
 
 def test_fourier_analysis_of_a_perceptron_says_it_has_no_neurons(trained):

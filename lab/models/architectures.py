@@ -4,12 +4,14 @@
     arch = "mlp"           lab/models/mlp.py: embeddings concatenated (fixed-length input) or averaged, then hidden layers
     arch = "cnn"           lab/models/cnn.py: 1-D convolutions over the embeddings, then a global max pool
     arch = "linear"        lab/models/linear.py: a perceptron over one-hot tokens (fixed length) or token counts
+    arch = "lstm"          lab/models/lstm.py: an LSTM reads the tokens left to right, carrying one state (h, c)
 
 Every model is a TransformerLens `HookedRootModule` (so `run_with_cache` and `run_with_hooks` work), has
 `cfg`, `forward(tokens, key_padding=None)` and `forward_at(tokens, position)`, and is trained, saved,
 resumed and loaded by the same code (`lab.training.trainer`, `Run.model()`). The models below the transformer
 give one answer per input: their `forward` returns (batch, 1, d_vocab_out), so `logits[:, read_position]`
-reads it for a read position of 0 or -1 alike.
+reads it for a read position of 0 or -1 alike. The LSTM answers at every position on a causal task (a language
+model, like the transformer) and once per input, after its last token, on a non-causal one (like the pooled models).
 
 Analyses that read attention (patterns, head ablations, letter attention, the TransformerLens export)
 call `require_attention` first and say in one line that another architecture has none.
@@ -24,7 +26,7 @@ from transformer_lens import HookedRootModule
 
 from lab.models.pooled import PooledModel
 
-ARCHS = ("transformer", "mlp", "cnn", "linear")
+ARCHS = ("transformer", "mlp", "cnn", "linear", "lstm")
 
 
 def build_model(cfg) -> HookedRootModule:
@@ -45,6 +47,10 @@ def build_model(cfg) -> HookedRootModule:
         from lab.models.linear import LinearClassifier
 
         return LinearClassifier(cfg)
+    if cfg.arch == "lstm":
+        from lab.models.lstm import LSTMModel
+
+        return LSTMModel(cfg)
     raise ValueError(f"unknown model.arch {cfg.arch!r}; valid: {', '.join(map(repr, ARCHS))}")
 
 
@@ -100,7 +106,8 @@ class Readout:
 
 def readout(model) -> Readout:
     """The `Readout` of a model: for the transformer the last MLP layer's neurons at the read position
-    (through W_out W_U), for the MLP its last hidden layer, for the CNN its pooled channels (through W_U)."""
+    (through W_out W_U), for the MLP its last hidden layer, for the CNN its pooled channels, for the LSTM its last
+    layer's hidden state h at the read position (each through W_U)."""
     arch = arch_of(model)
     if arch == "transformer":
         if model.cfg.attn_only:
@@ -111,6 +118,8 @@ def readout(model) -> Readout:
         return Readout(f"layers.{len(model.layers) - 1}.hook_post", None, model.W_U.detach().double().cpu())
     if arch == "cnn":
         return Readout("hook_pooled", None, model.W_U.detach().double().cpu())
+    if arch == "lstm":
+        return Readout(f"layers.{len(model.layers) - 1}.hook_h", -1, model.W_U.detach().double().cpu())
     raise ValueError(f"Fourier analysis of neurons is not available for arch {arch!r}: it has no hidden neurons")
 
 
@@ -124,6 +133,9 @@ def ablate_hidden_neurons(target, neurons: list[int], layer: int, split: str, me
     at every position. `score(logits, labels) -> (loss, accuracy)`. Returns {"loss", "accuracy",
     "base_loss", "base_accuracy"}."""
     model, arch = target.model, arch_of(target.model)
+    if arch == "lstm":
+        raise ValueError("neuron ablation is not available for arch 'lstm': its units feed their own recurrence, "
+                         "which a hook on their output (layers.{l}.hook_h) does not reach")
     if arch not in ("mlp", "cnn"):
         raise ValueError(f"neuron ablation is not available for arch {arch!r}: it has no hidden neurons")
     if not 0 <= layer < len(model.layers):
