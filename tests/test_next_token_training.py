@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import lab
 from lab.config import validate_experiment
 from lab.errors import ConfigError
 from lab.models.architectures import build_model
@@ -80,6 +81,10 @@ def test_lab_train_on_a_next_token_task_resumes_to_the_bit_and_lab_runs_lists_it
     assert [r["step"] for r in rows] == [0, 10, 20, 30, 40]
     assert without_time(rows) == without_time(read_jsonl(tmp_path / "straight" / "metrics.jsonl"))
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]  # it learns something in 40 steps (the separator at least)
+
+    run = lab.load_run(tmp_path / "run")
+    answer = run.predict("1 2 3 4 |")  # the next token after the whole input: the first of the reversed half
+    assert answer.label in run.task.vocab and answer.probabilities.shape == (len(run.task.vocab),)
 
     listed = subprocess.run([*lab, "runs", "--runs-dir", str(tmp_path), "--json"], capture_output=True, text=True)
     assert listed.returncode == 0, listed.stderr

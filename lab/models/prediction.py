@@ -94,9 +94,11 @@ def prediction_from_logits(task, logits: torch.Tensor) -> Prediction:
 
 @torch.no_grad()
 def predict_with(model, task, text_or_tokens) -> Prediction:
-    """The answer `model` (in eval mode) gives for one input of `task`."""
+    """The answer `model` (in eval mode) gives for one input of `task`: for a next-token task, the next
+    token after the whole input."""
     tokens = encode_tokens(task, text_or_tokens, model).to(model.device)
-    logits = model(tokens)[0, task.read_position].cpu()
+    read = -1 if task.read_position is None else task.read_position
+    logits = model(tokens)[0, read].cpu()
     return prediction_from_logits(task, logits)
 
 
