@@ -179,3 +179,31 @@ def test_every_recipe_has_an_experiment_config_that_is_nanda_plus_the_recipe(rec
 def test_unknown_recipe_names_the_valid_ones():
     with pytest.raises(ValueError, match="grokfast_ema"):
         recipe_overrides("grokfast")
+
+
+def test_fastest_recipe_is_the_base_point_of_its_sweep_on_five_seeds():
+    """`lab sweep nanda_fastest` trains the `fastest` recipe (the file's base point, which `lab train
+    nanda_fastest` trains) on the five seeds the recipe's claim is about, beside the points it is compared with."""
+    from lab.sweeps.sweep import SweepSpec
+
+    recipe = load_experiment("nanda_fastest").resolve()
+    spec = SweepSpec.build("nanda_fastest")
+    assert spec.seeds == 5 and spec.axes, "a sweep around the recipe"
+    at_recipe = [m for m in spec.members() if same_but_seed(m.config, recipe)]
+    assert sorted(m.config.model.seed for m in at_recipe) == [0, 1, 2, 3, 4]
+    assert len(spec.members()) > len(at_recipe)
+
+
+def same_but_seed(a, b) -> bool:
+    return (a.task, a.train, a.model.model_copy(update={"seed": 0})) == (b.task, b.train, b.model.model_copy(update={"seed": 0}))
+
+
+def test_fastest_recipe_groks_the_nanda_split_within_300_steps(tmp_path):
+    """The `fastest` recipe on the Nanda et al. 2023 split (p = 113, 30% of pairs, full batch, their model):
+    seed 0 memorises and then reaches test accuracy >= 0.99 within 300 steps (at step 130 when measured)."""
+    config = load_experiment("nanda_fastest", ["train.steps=300", "train.stop_after_grok=0", "train.log_checkpoints=0",
+                                               "train.checkpoint_every=300"])
+    summary = Trainer(config, tmp_path / "run", progress=False).run()
+    assert summary["grok_step"] is not None and summary["grok_step"] <= 300, summary
+    assert summary["memorize_step"] is not None and summary["memorize_step"] <= summary["grok_step"]
+    assert summary["final"]["test_acc"] >= 0.99
