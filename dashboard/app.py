@@ -40,6 +40,7 @@ pages = [
     st.Page(VIEWS / "progress.py", title="Progress measures", icon=":material/waves:"),
     st.Page(VIEWS / "heads.py", title="Heads", icon=":material/hub:"),
     st.Page(VIEWS / "circuits.py", title="Circuits", icon=":material/account_tree:"),
+    st.Page(VIEWS / "induction.py", title="Induction heads", icon=":material/repeat:"),
     st.Page(VIEWS / "sweeps.py", title="Sweeps", icon=":material/grid_view:"),
 ]
 navigation = st.navigation(pages)

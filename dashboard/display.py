@@ -29,6 +29,14 @@ def guard(what: str = "") -> Iterator[None]:
         st.error(f"{what}: {message}" if what else message, icon="⚠️")
 
 
+def classification_only(run, page: str) -> None:
+    """Raise PageError (one line) when `run` is a next-token run (a target at every position): `page` reads one
+    answer at one position, and the Induction heads page is the one for these runs."""
+    if run.task.read_position is None:
+        raise PageError(f"the {page} page applies to classification runs (one answer read at one position); this run "
+                        f"(task {run.task.name!r}) predicts the next token at every position: see the Induction heads page")
+
+
 def when_ready(future: Future, message: str, poll_s: float = 1.0):
     """The result of background work (`background.submit`) if it is done; else None, with `message` shown
     and the page drawn again by itself as soon as the work is done. An error of the work is raised here."""

@@ -30,7 +30,7 @@ def _add_runs_dir(parser: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from lab.config import load_experiment
     from lab.runs.storage import default_runs_dir, new_run_dir
-    from lab.training.trainer import Trainer
+    from lab.training.trainer import Trainer, resolve_device
 
     progress = not args.quiet
     if args.resume is not None:
@@ -43,6 +43,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not args.experiment:
             raise UserError("lab train needs an EXPERIMENT (a TOML path or a name in experiments/), or --resume RUN_DIR")
         config = load_experiment(args.experiment, args.overrides).resolve()
+        resolve_device(config.train.device)  # e.g. cuda without a GPU: one line, before a run folder is named
         named = args.name is not None  # --name '' is refused by new_run_dir, not silently replaced
         run_dir = new_run_dir(args.runs_dir or default_runs_dir(), args.name if named else config.name, exact=named)
         print(f"run folder: {run_dir}", file=sys.stderr)
@@ -223,7 +224,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    if args.max_steps < 1:
+    if args.max_steps is not None and args.max_steps < 1:
         raise UserError(f"--max-steps must be at least 1, got {args.max_steps}")
     if args.device == "cuda":
         import torch
@@ -239,20 +240,41 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    """Nanda et al.'s progress measures at every checkpoint of a modular run, stored in RUN/analysis/."""
+    """Nanda et al.'s progress measures at every checkpoint of a modular run (a next-token run: the induction
+    measures), stored in RUN/analysis/."""
     from lab.analysis.progress import cache_file, progress_measures
     from lab.runs.run import load_run
 
     run = load_run(args.run, args.runs_dir)
+    if run.task.read_position is None:  # a next-token run: the induction measures instead
+        return analyze_induction(run, quiet=args.quiet)
     frame = progress_measures(run, progress=not args.quiet, definition=args.definition)
     freqs = frame.attrs["key_frequencies"]
     print(f"{run.name}: {len(frame)} checkpoints; key frequencies: {', '.join(map(str, freqs)) or 'none found'}")
     print(f"definition {frame.attrs['definition']}")
     columns = ["step", "train_loss", "test_loss", "restricted_loss", "excluded_loss", "gini_embed", "sum_sq_weights"]
-    shown = frame if len(frame) <= 12 else frame.iloc[[round(i * (len(frame) - 1) / 11) for i in range(12)]]
-    print(shown[columns].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    print(_evenly_spaced_rows(frame)[columns].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
     print(f"stored in {run.path / cache_file(args.definition)}")
     return 0
+
+
+def analyze_induction(run, quiet: bool = False) -> int:
+    """`lab analyze` of a next-token run: the induction measures at every checkpoint, stored in RUN/analysis/."""
+    from lab.analysis.ablation import CACHE_DIR
+    from lab.analysis.induction import induction_history
+
+    history = induction_history(run, progress=not quiet)
+    print(history.summary())
+    columns = [c for c in ("step", "test_loss", "repeated_loss", "induction_loss", "icl_score", "top_previous_token",
+                           "top_induction") if history.measures[c].notna().any()]
+    print(_evenly_spaced_rows(history.measures)[columns].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    print(f"stored in {run.path / CACHE_DIR}")
+    return 0
+
+
+def _evenly_spaced_rows(frame, rows: int = 12):
+    """At most `rows` rows of a per-checkpoint frame, evenly spaced, the first and last included."""
+    return frame if len(frame) <= rows else frame.iloc[[round(i * (len(frame) - 1) / (rows - 1)) for i in range(rows)]]
 
 
 # --- parser ----------------------------------------------------------------------------------------
@@ -305,10 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(handler=cmd_runs)
 
-    p = sub.add_parser("analyze", help="compute progress measures (Fourier analysis) of a modular run",
+    p = sub.add_parser("analyze", help="compute progress measures (modular runs) or induction measures (next-token runs)",
                        description="Compute Nanda et al. 2023's progress measures (key frequencies, restricted and "
                                    "excluded loss, Gini of Fourier norms, sum of squared weights) at every checkpoint "
-                                   "of a modular run, and store them in RUN/analysis/.")
+                                   "of a modular run, or, for a next-token run, Olsson et al. 2022's induction measures "
+                                   "(loss by position, in-context-learning score, previous-token/duplicate-token/induction "
+                                   "head scores), and store them in RUN/analysis/.")
     p.add_argument("run", help="a run folder, or a run name under the runs folder")
     _add_runs_dir(p)
     p.add_argument("--definition", choices=["paper", "tl_demo"], default="paper",
@@ -332,13 +356,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--headless", action="store_true", help=argparse.SUPPRESS)  # always headless now; kept for old scripts
     p.set_defaults(handler=cmd_dashboard)
 
+    from lab.bench import FULL_MAX_STEPS, QUICK_MAX_STEPS
+
     p = sub.add_parser("bench", help="measure training speed, steps to grok per recipe, and memory",
                        description="Time our training step against a TransformerLens baseline on the Nanda et al. 2023 "
-                                   "setup, measure steps and seconds to grok for every recipe, and peak memory.")
-    p.add_argument("--quick", action="store_true", help="only the short cases (modadd_quick), fewer timing rounds")
+                                   "setup, and the text experiment's full-sequence step against PyTorch's TransformerEncoder "
+                                   "and TransformerLens; measure steps and seconds to grok for every recipe, peak memory "
+                                   "and the speed-up of stacked sweeps.")
+    p.add_argument("--quick", action="store_true", help=f"only the short cases (modadd_quick, grok runs capped at {QUICK_MAX_STEPS} "
+                                                         "steps), fewer timing rounds: about 3 minutes")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run (default cpu)")
-    p.add_argument("--max-steps", type=int, default=20000, metavar="N", help="cap on the steps of each grok run (default 20000)")
+    p.add_argument("--max-steps", type=int, default=None, metavar="N",
+                   help=f"cap on the steps of each grok run (default {FULL_MAX_STEPS}; {QUICK_MAX_STEPS} with --quick)")
     p.add_argument("--rounds", type=int, default=None, metavar="N", help="interleaved timing rounds (default 30; 10 with --quick)")
     p.set_defaults(handler=cmd_bench)
 

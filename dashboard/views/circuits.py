@@ -87,6 +87,7 @@ if run is None:
     st.stop()
 figs: dict = {}
 with display.guard(run.name):
+    display.classification_only(run, "Circuits")
     if run.config.model.arch != "transformer":
         raise display.PageError(f"circuits read attention heads, and this run's arch {run.config.model.arch!r} has none")
     step = selection.pick_step(run, key="circuits_step")

@@ -72,6 +72,7 @@ if run is None:
     st.stop()
 figs: dict = {}
 with display.guard(run.name):
+    display.classification_only(run, "Heads")
     step = selection.pick_step(run, key="heads_step")
     if step is None:
         st.stop()

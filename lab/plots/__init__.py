@@ -18,8 +18,9 @@ several figures into one HTML file. This package re-exports their public names.
 """
 
 from lab.plots.attention import (  # noqa: F401
-    LONG_INPUT, MIN_CELL_PX, STRIP_WINDOW, attention_figure, attention_grid_figure, modular_attention_figure,
+    LONG_INPUT, MASKED_COLOR, MIN_CELL_PX, STRIP_WINDOW, attention_figure, attention_grid_figure, modular_attention_figure,
     modular_grid_figure, plot_attention, plot_modular_attention, plot_read_attention, read_attention_figure,
+    next_tokens_figure, plot_next_tokens,
 )
 from lab.plots.circuits import (  # noqa: F401
     attribution_figure, circuit_history_figure, composition_figure, logit_lens_figure, ov_circuit_figure, patching_figure,
@@ -30,6 +31,9 @@ from lab.plots.curves import curves_figure, ema_smooth, plot_curves, plot_weight
 from lab.plots.document import figures_html  # noqa: F401
 from lab.plots.heads import (  # noqa: F401
     ablation_figure, ablation_title, letter_attention_figure, plot_ablation, plot_letter_attention,
+)
+from lab.plots.induction import (  # noqa: F401
+    head_scores_figure, induction_figure, plot_induction, position_loss_figure,
 )
 from lab.plots.progress import (  # noqa: F401
     fourier_norms_figure, key_frequencies_figure, plot_fourier_norms, plot_key_frequencies, plot_progress,
