@@ -118,6 +118,10 @@ class TrainConfig(StrictModel):
     eval_every: int = Field(100, ge=1)
     checkpoint_every: int = Field(1000, ge=1)
     log_checkpoints: int = Field(24, ge=0, le=MAX_CHECKPOINTS, description="extra checkpoints at log-spaced steps")
+    train_eval_rows: int | None = Field(
+        None, ge=1, description="score at most this many rows of the training split at each evaluation, evenly spaced "
+                                "(None: every row; the test split is always scored whole): for a large corpus, whose "
+                                "whole training split costs more to score than hundreds of steps")
     loss_dtype: Literal["float32", "float64"] = Field("float32", description="precision of the log-softmax")
     loss: Literal["softmax", "stablemax"] = Field("softmax", description="StableMax: Prieto et al. 2025")
     orthograd: bool = Field(False, description="⊥Grad: Prieto et al. 2025")

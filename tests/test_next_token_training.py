@@ -111,3 +111,24 @@ def test_stacked_members_of_a_next_token_sweep_are_their_standalone_runs(tmp_pat
         alone = read_jsonl(tmp_path / f"alone{m}" / "metrics.jsonl")
         assert [r["step"] for r in member] == [r["step"] for r in alone]
         assert close(member, alone)
+
+
+@pytest.mark.filterwarnings("ignore:grad and param do not obey the gradient layout contract")
+@pytest.mark.parametrize("batch_size", [None, 64])
+def test_train_eval_rows_scores_evenly_spaced_training_rows_and_the_whole_test_split(tmp_path, batch_size):
+    cfg = validate_experiment({**BASE, "train": {**BASE["train"], "steps": 10, "batch_size": batch_size, "train_eval_rows": 50}})
+    Trainer(cfg, tmp_path / "alone", progress=False).run()
+    rows = read_jsonl(tmp_path / "alone" / "metrics.jsonl")
+
+    resolved = cfg.resolve()
+    task, model = make_task(resolved.task), build_model(resolved.model)  # the run's initial weights
+    train, test = task.split("train"), task.split("test")
+    index = torch.arange(50) * len(train) // 50
+    assert rows[0]["train_loss"] == evaluate(model, Split(train.tokens[index], train.labels[index]), task, resolved)[0]
+    assert rows[0]["test_loss"] == evaluate(model, test, task, resolved)[0]
+    assert rows[0]["train_loss"] != evaluate(model, train, task, resolved)[0]
+
+    train_ensemble([(cfg, tmp_path / "member")], progress=False)
+    member = read_jsonl(tmp_path / "member" / "metrics.jsonl")
+    assert member[0]["train_loss"] == pytest.approx(rows[0]["train_loss"], rel=1e-6)
+    assert close(member, rows)

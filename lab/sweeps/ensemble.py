@@ -75,6 +75,7 @@ from lab.training.losses import task_loss
 from lab.training.recipes import GradFilter, orthogonalize_gradients
 from lab.training.trainer import (
     RunFolder,
+    evaluated_rows,
     loss_dtype,
     read_summary,
     resolve_device,
@@ -258,6 +259,8 @@ class StackedEnsemble:
         self.orthograd = [tc.orthograd for tc in tcs]
         self.train = [self._to_device(t.split("train")) for t in self.tasks]
         self.test = [self._to_device(t.split("test")) for t in self.tasks]
+        # what an evaluation scores of the training split: every row, or `train.train_eval_rows` of them (as the Trainer)
+        self.train_eval = [evaluated_rows(split, c.train.train_eval_rows) for split, c in zip(self.train, self.configs)]
         self._restack()
 
     def _to_device(self, split: Split) -> Split:
@@ -284,7 +287,7 @@ class StackedEnsemble:
         self.flat, self.exp_avg, self.exp_avg_sq = self.flat[index], self.exp_avg[index], self.exp_avg_sq[index]
         for name in ("adam_steps", "steps", "lr", "weight_decay", "beta1", "beta2", "eps", "warmup"):
             setattr(self, name, getattr(self, name)[np.asarray(slots, dtype=np.int64)])
-        for name in ("configs", "tasks", "bucket_keys", "order", "filters", "orthograd", "train", "test"):
+        for name in ("configs", "tasks", "bucket_keys", "order", "filters", "orthograd", "train", "test", "train_eval"):
             setattr(self, name, [getattr(self, name)[i] for i in slots])
         self._restack()
 
@@ -410,6 +413,8 @@ class StackedEnsemble:
         (full batch, and an update follows)."""
         slots = list(range(self.members)) if slots is None else list(slots)
         reuse = list(reuse) if reuse is not None else [False] * len(slots)
+        # the update's forward covers every training row: reused only where the evaluation scores them all
+        reuse = [again and self.train_eval[slot] is self.train[slot] for again, slot in zip(reuse, slots)]
         results = [{} for _ in slots]
         if any(reuse):
             self._pending = self._train_logits()
@@ -430,7 +435,7 @@ class StackedEnsemble:
     def _evaluate_split(self, split: str, todo: list[tuple[dict, int]]) -> None:
         """The Trainer's `evaluate` of each member on its split (same chunks, same sums), members that share
         the split's size in one vmapped forward, at most `_EVAL_FLOATS` of activations at once."""
-        data = self.train if split == "train" else self.test
+        data = self.train_eval if split == "train" else self.test
         groups: dict[tuple, list[tuple[dict, int]]] = {}
         for r, slot in todo:
             groups.setdefault(tuple(data[slot].tokens.shape), []).append((r, slot))

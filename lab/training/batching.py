@@ -36,3 +36,11 @@ def minibatch_index(seed: int, step: int, n_train: int, batch_size: int) -> torc
     generator seeded by (model seed, step), so a resumed run draws the same batches as an uninterrupted one."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
     return torch.randperm(n_train, generator=generator)[:batch_size]
+
+
+def evaluation_rows(n_rows: int, most: int | None) -> torch.Tensor | None:
+    """The rows of a split an evaluation scores (`train.train_eval_rows`): None for every row, else `most` rows
+    spread evenly over the split (row i * n_rows // most), the same rows at every evaluation."""
+    if most is None or most >= n_rows:
+        return None
+    return torch.arange(most) * n_rows // most

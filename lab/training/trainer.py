@@ -53,7 +53,7 @@ from lab.runs import storage
 from lab.runs.outcomes import grok_step, memorize_step
 from lab.runs.storage import ResumeState
 from lab.tasks import Split, Task, make_task
-from lab.training.batching import batches, minibatch_index, rows_per_step
+from lab.training.batching import batches, evaluation_rows, minibatch_index, rows_per_step
 from lab.training.losses import right_and_targets, task_loss
 from lab.training.recipes import GradFilter, orthogonalize_gradients
 
@@ -95,6 +95,12 @@ def evaluate(model, split: Split, task: Task, config: ExperimentConfig) -> tuple
         loss, right, n = score(model.forward_at(tokens, task.read_position), split.labels[start : start + len(tokens)], config)
         total_loss, correct, targets = total_loss + loss, correct + right, targets + n
     return total_loss / max(targets, 1), correct / max(targets, 1)
+
+
+def evaluated_rows(split: Split, most: int | None) -> Split:
+    """The part of a split an evaluation scores: all of it, or `most` rows (`train.train_eval_rows`) spread evenly over it."""
+    index = evaluation_rows(len(split), most)
+    return split if index is None else Split(split.tokens[index.to(split.tokens.device)], split.labels[index.to(split.tokens.device)])
 
 
 def make_adamw(params, tc) -> torch.optim.AdamW:
@@ -477,6 +483,7 @@ class Trainer:
         self.task = make_task(self.config.task)
         self.train_split = self._to_device(self.task.split("train"))
         self.test_split = self._to_device(self.task.split("test"))
+        self.train_eval = evaluated_rows(self.train_split, tc.train_eval_rows)  # what an evaluation scores of it
         # a model too large for this machine is refused here, with the estimate, before anything is allocated
         filter_copies = {"none": 0, "ema": 1, "ma": tc.grad_filter.window}[tc.grad_filter.kind]
         check_fits(self.config.model, lambda: build_model(self.config.model), self.device,
@@ -533,6 +540,7 @@ class Trainer:
     def evaluate(self, slots: Sequence[int], reuse: Sequence[bool]) -> list[dict]:
         """The metrics of the row at the current step; train ones from this step's update forward if `reuse`."""
         (reuse,) = reuse
+        reuse = reuse and self.train_eval is self.train_split  # the update's forward covers every row, not a subset
         if reuse:
             self._forward = self.train_forward(self.train_split)
             loss, logits = self._forward
@@ -540,7 +548,7 @@ class Trainer:
             train = (loss.item(), right.item() / targets.item())
         self.model.eval()
         if not reuse:
-            train = evaluate(self.model, self.train_split, self.task, self.config)
+            train = evaluate(self.model, self.train_eval, self.task, self.config)
         test = evaluate(self.model, self.test_split, self.task, self.config)
         self.model.train()
         return [{"train_loss": train[0], "train_acc": train[1], "test_loss": test[0], "test_acc": test[1],
