@@ -122,3 +122,42 @@ def test_hooks_can_patch_activations():
     assert not torch.allclose(patched, model(tokens))
     model.blocks[0].attn.W_O.data.zero_()  # same effect as zeroing every head's z
     torch.testing.assert_close(patched, model(tokens))
+
+
+def test_fused_forward_gives_transformer_lens_activations_and_hooks_still_patch_them(monkeypatch):
+    """The forward pass runs Q, K and V as one matmul, W_O and W_U as F.linear, and PyTorch's LayerNorm
+    kernel while no hook is on a LayerNorm's points. Every cached activation (q, k, v, z per head, each
+    LayerNorm's scale and normalized stream) equals TransformerLens's on the same weights, the plain
+    forward gives the cached run's logits, and patching q, k, v, z or a LayerNorm's points changes them."""
+    import lab
+
+    model, task = build({"name": "modular", "p": 7}, n_layers=2, d_model=16, n_heads=2, d_head=8, d_mlp=32,
+                        normalization="LN", act_fn="gelu")
+    with torch.no_grad():  # non-trivial biases and LayerNorm weights, so a misplaced one shows
+        for name, param in model.named_parameters():
+            if not name.rsplit(".", 1)[-1].startswith("W_"):
+                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))) * 0.3)
+    tokens = task.split("train").tokens[:6]
+    layer_norm_calls = []
+    layer_norm = torch.nn.functional.layer_norm
+    monkeypatch.setattr(torch.nn.functional, "layer_norm", lambda *a, **k: layer_norm_calls.append(1) or layer_norm(*a, **k))
+    plain = model(tokens)
+    assert len(layer_norm_calls) == 5  # ln1, ln2 of two blocks and ln_final: the fused kernel
+    logits, cache = model.run_with_cache(tokens)
+    assert len(layer_norm_calls) == 5  # hooked: each LayerNorm runs step by step through its hook points
+    monkeypatch.undo()
+    theirs, their_cache = lab.to_transformer_lens(model).run_with_cache(tokens)
+    assert plain.abs().max() > 0.5
+    torch.testing.assert_close(plain, logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits, theirs, atol=1e-5, rtol=0)
+    names = [f"blocks.{layer}.{point}" for layer in (0, 1) for point in
+             ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z", "ln1.hook_scale", "ln1.hook_normalized",
+              "ln2.hook_scale", "ln2.hook_normalized")] + ["ln_final.hook_scale", "ln_final.hook_normalized"]
+    for name in names:
+        assert cache[name].shape == their_cache[name].shape, name
+        torch.testing.assert_close(cache[name], their_cache[name], atol=1e-5, rtol=0, msg=name)
+    assert cache["blocks.1.attn.hook_q"].shape == (6, 3, 2, 8)  # (batch, pos, head, d_head)
+    for name in ("blocks.1.attn.hook_q", "blocks.1.attn.hook_k", "blocks.1.attn.hook_v", "blocks.1.attn.hook_z",
+                 "blocks.0.ln1.hook_scale", "ln_final.hook_normalized"):
+        patched = model.run_with_hooks(tokens, fwd_hooks=[(name, lambda t, hook: t * 2)])
+        assert (patched - plain).abs().max() > 1e-2, name

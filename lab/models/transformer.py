@@ -43,6 +43,12 @@ from lab.config import ModelConfig
 # Optional (cfg.normalization = "LN"); the Nanda et al. model has none.
 
 
+def hooked(*points: HookPoint) -> bool:
+    """True if any of these hook points has a hook (TransformerLens's or PyTorch's, forward or backward):
+    then the computation they name must run step by step, so the hook sees and patches its values."""
+    return any(point.fwd_hooks or point.bwd_hooks or point._forward_hooks or point._backward_hooks for point in points)
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with TransformerLens's parameter (`w`, `b`) and hook (`hook_scale`, `hook_normalized`) names."""
 
@@ -55,7 +61,13 @@ class LayerNorm(nn.Module):
         self.hook_normalized = HookPoint()  # (batch, pos, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (..., d_model), normalised over its last dimension
+        # x: (..., d_model), normalised over its last dimension. With no hook on the scale or the
+        # normalized stream (training, plain inference), PyTorch's fused kernel computes the same thing
+        # in one op forward and one backward instead of several elementwise passes (4% of the text
+        # model's training step); the lines below are its definition, and run whenever a hook would
+        # read or patch the scale or the normalized stream.
+        if not hooked(self.hook_scale, self.hook_normalized):
+            return F.layer_norm(x, x.shape[-1:], self.w, self.b, self.eps)
         x = x - x.mean(-1, keepdim=True)
         scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
         return self.hook_normalized(x / scale) * self.w + self.b
@@ -113,9 +125,15 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, key_padding: torch.Tensor | None) -> torch.Tensor:
         # x: (batch, pos, d_model); key_padding: (batch, key) True where the key is padding.
-        q = self.hook_q(einsum(x, self.W_Q, "batch pos d_model, head d_model d_head -> batch pos head d_head") + self.b_Q)
-        k = self.hook_k(einsum(x, self.W_K, "batch pos d_model, head d_model d_head -> batch pos head d_head") + self.b_K)
-        v = self.hook_v(einsum(x, self.W_V, "batch pos d_model, head d_model d_head -> batch pos head d_head") + self.b_V)
+        # q = x W_Q + b_Q for every head, and k, v alike, as ONE matmul against W_Q, W_K, W_V side by side
+        # (`_fused_qkv`, section 5), instead of three per-head einsums, each a batched matmul over heads
+        # with small (pos, d_model) x (d_model, d_head) products; W_O and W_U below are one matmul each too.
+        n_heads, _, d_head = self.W_Q.shape
+        W_QKV, b_QKV = _fused_qkv(self)  # (d_model, 3 * head * d_head), (3 * head * d_head,)
+        qkv = F.linear(x, W_QKV.T, b_QKV)  # x @ W_QKV + b_QKV: (batch, pos, 3 * head * d_head)
+        # (batch, pos, 3 * head * d_head) -> (batch, pos, 3, head, d_head) -> three (batch, pos, head, d_head)
+        q, k, v = qkv.unflatten(-1, (3, n_heads, d_head)).unbind(-3)
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         if self.fused_applies(q):
             z = self._fused(q, k, v, key_padding)
         else:
@@ -123,7 +141,9 @@ class Attention(nn.Module):
             pattern = self.hook_pattern(scores.softmax(dim=-1))  # (batch, head, query, key)
             z = einsum(pattern, v, "batch head query key, batch key head d_head -> batch query head d_head")
         z = self.hook_z(z)
-        return einsum(z, self.W_O, "batch pos head d_head, head d_head d_model -> batch pos d_model") + self.b_O
+        # sum over heads of z W_O as one matmul: (batch, pos, head, d_head) -> (batch, pos, head * d_head)
+        # against W_O (head, d_head, d_model) -> (head * d_head, d_model)
+        return F.linear(z.flatten(-2), self.W_O.flatten(0, 1).T, self.b_O)  # (batch, pos, d_model)
 
     def scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """q, k (batch, pos, head, d_head) -> unmasked scores (batch, head, query, key), as `cfg.attn_score` says."""
@@ -145,8 +165,7 @@ class Attention(nn.Module):
         product of q W_score with k), no hook on the scores or pattern (which it never forms), and q
         not under a torch.func transform (vmap, grad), where the explicit path is faster."""
         return (self.score != "additive"
-                and not any(point.fwd_hooks or point.bwd_hooks or point._forward_hooks or point._backward_hooks
-                            for point in (self.hook_attn_scores, self.hook_pattern))
+                and not hooked(self.hook_attn_scores, self.hook_pattern)
                 and not torch._C._functorch.is_functorch_wrapped_tensor(q))
 
     def _fused(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding: torch.Tensor | None) -> torch.Tensor:
@@ -319,7 +338,7 @@ class Transformer(HookedRootModule):
             resid = resid + self.hook_pos_embed(self.positions(tokens.shape[1]).expand_as(resid))
         for block in self.blocks:
             resid = block(resid, key_padding)
-        return einsum(self.ln_final(resid), self.W_U, "batch pos d_model, d_model vocab -> batch pos vocab") + self.b_U
+        return F.linear(self.ln_final(resid), self.W_U.T, self.b_U)  # resid @ W_U + b_U: (batch, pos, d_vocab_out)
 
     def positions(self, n_pos: int) -> torch.Tensor:
         """The positional embeddings of the first `n_pos` positions (n_pos, d_model); sinusoidal ones
