@@ -9,6 +9,7 @@
 - `patching`, `attribution`, `logit_lens`, `circuits`: activation patching, direct logit attribution, the
   logit lens, QK / OV circuits and composition scores, with TransformerLens's definitions.
 - `circuit_history`: a summary of those at every checkpoint, cached in the run folder (the Circuits page).
+- `gradients`: the gradient norm of each layer's weights (at initialisation: the skip-connection question).
 
 The public calls are re-exported lazily as `lab.attention`, `lab.ablate_heads`, ... .
 """
