@@ -67,14 +67,14 @@ def test_lab_train_on_a_next_token_task_resumes_to_the_bit_and_lab_runs_lists_it
     toml = tmp_path / "rev.toml"
     toml.write_text("\n".join(f"[{section}]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in BASE[section].items())
                               for section in ("task", "model", "train")))
-    lab = [sys.executable, "-m", "lab.cli"]
-    straight = subprocess.run([*lab, "train", str(toml), "--runs-dir", str(tmp_path), "--name", "straight", "--quiet"],
+    cli = [sys.executable, "-m", "lab.cli"]
+    straight = subprocess.run([*cli, "train", str(toml), "--runs-dir", str(tmp_path), "--name", "straight", "--quiet"],
                               capture_output=True, text=True)
     assert straight.returncode == 0, straight.stderr
-    half = subprocess.run([*lab, "train", str(toml), "--runs-dir", str(tmp_path), "--name", "run", "--quiet",
+    half = subprocess.run([*cli, "train", str(toml), "--runs-dir", str(tmp_path), "--name", "run", "--quiet",
                            "--set", "train.steps=20"], capture_output=True, text=True)
     assert half.returncode == 0, half.stderr
-    resumed = subprocess.run([*lab, "train", "--resume", str(tmp_path / "run"), "--set", "train.steps=40", "--quiet"],
+    resumed = subprocess.run([*cli, "train", "--resume", str(tmp_path / "run"), "--set", "train.steps=40", "--quiet"],
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
@@ -86,7 +86,7 @@ def test_lab_train_on_a_next_token_task_resumes_to_the_bit_and_lab_runs_lists_it
     answer = run.predict("1 2 3 4 |")  # the next token after the whole input: the first of the reversed half
     assert answer.label in run.task.vocab and answer.probabilities.shape == (len(run.task.vocab),)
 
-    listed = subprocess.run([*lab, "runs", "--runs-dir", str(tmp_path), "--json"], capture_output=True, text=True)
+    listed = subprocess.run([*cli, "runs", "--runs-dir", str(tmp_path), "--json"], capture_output=True, text=True)
     assert listed.returncode == 0, listed.stderr
     runs = {r["name"]: r for r in json.loads(listed.stdout)}
     assert runs["run"]["task"] == "reverse" and runs["run"]["status"] == "finished"
