@@ -17,7 +17,7 @@ from lab.runs.storage import read_jsonl
 from lab.sweeps.ensemble import StackedEnsemble, train_ensemble
 from lab.tasks import IGNORE_INDEX, Split, make_task
 from lab.training.losses import task_loss
-from lab.training.trainer import Trainer, evaluate
+from lab.training.trainer import Trainer, evaluate, score
 from test_sweep_members import close
 
 BASE = {
@@ -51,6 +51,8 @@ def test_loss_is_the_mean_over_target_positions_and_accuracy_is_per_token():
     expected = -(by_hand * read).sum() / read.sum()
     torch.testing.assert_close(task_loss(logits, labels), expected)
     torch.testing.assert_close(task_loss(logits, labels, "stablemax").isfinite(), torch.tensor(True))
+
+    assert score(logits, torch.full_like(labels, IGNORE_INDEX), cfg) == (0.0, 0, 0)  # a chunk with no target adds nothing
 
     loss, acc = evaluate(model, Split(split.tokens, labels), task, cfg)
     right = ((logits.argmax(-1) == labels) & read).sum().item()

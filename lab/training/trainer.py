@@ -82,7 +82,8 @@ def score(logits: torch.Tensor, labels: torch.Tensor, config: ExperimentConfig) 
     """(summed loss, number right, number of targets) of logits (batch, vocab) against labels (batch,), or
     (batch, pos, vocab) against (batch, pos): one chunk of an evaluation, summed so chunks add up."""
     right, targets = right_and_targets(logits, labels)
-    loss = task_loss(logits, labels, config.train.loss, loss_dtype(config)).item() * int(targets)
+    # a chunk with no target (every label IGNORE_INDEX) adds nothing; its mean loss would be 0 / 0
+    loss = task_loss(logits, labels, config.train.loss, loss_dtype(config)).item() * int(targets) if targets else 0.0
     return loss, int(right), int(targets)
 
 
