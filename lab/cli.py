@@ -365,7 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and the speed-up of stacked sweeps.")
     p.add_argument("--quick", action="store_true", help=f"only the short cases (modadd_quick, grok runs capped at {QUICK_MAX_STEPS} "
                                                          "steps), fewer timing rounds: about 3 minutes")
-    p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    p.add_argument("--json", metavar="PATH", nargs="?", const="-",
+                   help="also write the figures as JSON to PATH; without PATH, print the JSON on standard output "
+                        "(and the table on standard error)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run (default cpu)")
     p.add_argument("--max-steps", type=int, default=None, metavar="N",
                    help=f"cap on the steps of each grok run (default {FULL_MAX_STEPS}; {QUICK_MAX_STEPS} with --quick)")

@@ -143,6 +143,19 @@ def test_a_whole_bench_on_a_tiny_setup_writes_consistent_figures(tmp_path, capsy
     assert f"{sweep['speedup_vs_sequential']:6.2f}x sequential" in table
 
 
+def test_json_without_a_path_puts_the_json_alone_on_standard_output(monkeypatch, capsys):
+    """`lab bench --quick --json`: standard output is the JSON alone (to pipe), the table goes to standard error."""
+    from lab import cli
+
+    figures = {"quick": True, "max_steps": QUICK_MAX_STEPS}
+    monkeypatch.setattr(bench, "run_bench", lambda **kwargs: {**figures, "kwargs": sorted(kwargs)})
+    monkeypatch.setattr(bench, "format_table", lambda result: f"TABLE of {len(result)} keys")
+    assert cli.main(["bench", "--quick", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {**figures, "kwargs": ["device", "max_steps", "quick", "rounds", "setup"]}
+    assert err.strip() == "TABLE of 3 keys"
+
+
 def test_bench_cli_rejects_bad_arguments_in_one_line():
     done = subprocess.run([sys.executable, "-m", "lab.cli", "bench", "--max-steps", "0"], capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.strip() == "lab: error: --max-steps must be at least 1, got 0"

@@ -21,7 +21,7 @@ WHY = sorted(path.stem for path in EXPERIMENTS.glob("why_*.toml"))
 
 def test_every_question_has_its_experiment():
     assert WHY == ["why_attention_score", "why_positions", "why_positions_length", "why_recurrence",
-                   "why_shared_blocks", "why_skip_connections"]
+                   "why_recurrence_text", "why_shared_blocks", "why_skip_connections"]
 
 
 @pytest.mark.parametrize("experiment", WHY)
@@ -57,6 +57,13 @@ def test_recurrence_compares_matched_parameters_at_every_length():
         transformer = params("why_recurrence", "model.arch=transformer", f"task.seq_len={seq_len}")
         lstm = params("why_recurrence", "model.arch=lstm", f"task.seq_len={seq_len}")
         assert abs(transformer - lstm) <= 0.05 * transformer, (seq_len, transformer, lstm)
+
+
+def test_recurrence_on_text_compares_matched_parameters_on_characters():
+    transformer, lstm = params("why_recurrence_text", "model.arch=transformer"), params("why_recurrence_text", "model.arch=lstm")
+    assert (transformer, lstm) == (114_125, 114_189)  # the figures the README's table names
+    config = lab.load_experiment("why_recurrence_text").resolve()
+    assert config.task.level == "char" and SweepSpec.build("why_recurrence_text").axes == {"model.arch": ["transformer", "lstm"]}
 
 
 def test_shared_blocks_budgets_are_the_ones_the_experiment_states():

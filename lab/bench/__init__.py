@@ -5,4 +5,4 @@ timing helpers (measure.py).
 The grok runs' caps live here, without imports, so that the CLI's help can name them cheaply."""
 
 FULL_MAX_STEPS = 20000  # `lab bench`: each grok run stops at grok or at this many steps
-QUICK_MAX_STEPS = 1500  # `lab bench --quick`: every recipe that groks modadd_quick does so by step 1,100
+QUICK_MAX_STEPS = 1200  # `lab bench --quick`: every recipe that groks modadd_quick does so by step 1,150

@@ -21,7 +21,7 @@
 as `>N`), so that it finishes in about three minutes on an idle 2-core machine; the full bench caps
 them at `--max-steps` (20,000 by default).
 
-JSON keys (`--json PATH`) are documented in the README's benchmark section.
+JSON keys (`--json PATH`, or `--json` alone for standard output) are documented in the README's benchmark section.
 """
 
 from __future__ import annotations
@@ -315,7 +315,13 @@ def format_table(result: dict) -> str:
 
 def main(quick: bool, device: str, max_steps: int | None, json_path: str | None, rounds: int | None = None,
          setup: BenchSetup = BenchSetup()) -> int:
+    """`lab bench`: the table on standard output and the JSON in `json_path`; `json_path` "-": the JSON on
+    standard output and the table on standard error (progress lines always go to standard error)."""
     result = run_bench(quick=quick, device=device, max_steps=max_steps, rounds=rounds, setup=setup)
+    if json_path == "-":
+        print(format_table(result), file=sys.stderr)
+        print(json.dumps(result, indent=2))
+        return 0
     print(format_table(result))
     if json_path:
         atomic_write_json(Path(json_path), result)

@@ -70,6 +70,7 @@ from lab.models.architectures import build_model
 from lab.runs import storage
 from lab.runs.storage import ResumeState
 from lab.tasks import Split, Task, make_task
+from lab.training.allocator import keep_freed_memory
 from lab.training.batching import batches, minibatch_index, rows_per_chunk, rows_per_step
 from lab.training.losses import task_loss
 from lab.training.recipes import GradFilter, orthogonalize_gradients
@@ -215,6 +216,7 @@ class StackedEnsemble:
         configs = [config.resolve() for config in configs]
         if not configs:
             raise ConfigError("an ensemble needs at least one member")
+        keep_freed_memory()  # each step reuses the last one's activation memory (lab/training/allocator.py)
         keys = {shape_key(config) for config in configs}
         if len(keys) > 1:
             raise ConfigError(f"ensemble members differ in model shape, task or device ({len(keys)} kinds); split them with group_by_shape")

@@ -53,6 +53,7 @@ from lab.runs import storage
 from lab.runs.outcomes import grok_step, memorize_step
 from lab.runs.storage import ResumeState
 from lab.tasks import Split, Task, make_task
+from lab.training.allocator import keep_freed_memory
 from lab.training.batching import batches, evaluation_rows, minibatch_index, rows_per_step
 from lab.training.losses import right_and_targets, task_loss
 from lab.training.recipes import GradFilter, orthogonalize_gradients
@@ -479,6 +480,7 @@ class Trainer:
         self.config = config.resolve()
         self.run_dir = Path(run_dir)
         self.progress = progress
+        keep_freed_memory()  # each step reuses the last one's activation memory (lab/training/allocator.py)
         tc = self.config.train
         self.device = resolve_device(tc.device)
         self.task = make_task(self.config.task)
