@@ -148,7 +148,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no runs in {args.runs_dir or default_runs_dir()}; start one with: lab train modadd_quick")
         return 0
-    columns = ["name", "task", "arch", "params", "status", "step", "memorize_step", "grok_step", "test_acc"]
+    # test_loss: what a language model's run is read by (its memorise and grok steps rarely apply)
+    columns = ["name", "task", "arch", "params", "status", "step", "memorize_step", "grok_step", "test_acc", "test_loss"]
     table = [[_cell(row, col) for col in columns] for row in rows]
     widths = [max(len(col), *(len(r[i]) for r in table)) for i, col in enumerate(columns)]
     print("  ".join(col.ljust(w) for col, w in zip(columns, widths)))

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import tiny
@@ -96,10 +97,13 @@ def test_train_runs_and_sweep_end_to_end(tmp_path):
     listing = lab("runs", "--runs-dir", str(runs))
     assert listing.returncode == 0
     header, *rows = listing.stdout.strip().splitlines()
-    assert header.split() == ["name", "task", "arch", "params", "status", "step", "memorize_step", "grok_step", "test_acc"]
+    assert header.split() == ["name", "task", "arch", "params", "status", "step", "memorize_step", "grok_step", "test_acc", "test_loss"]
     assert len(rows) == 4 and all("finished" in row and "30/30" in row for row in rows)
     as_json = json.loads(lab("runs", "--json", "--runs-dir", str(runs)).stdout)
     assert {row["name"] for row in as_json} == {"modadd_quick", "modadd_quick-2", *swept}
+    for row, line in ((row, next(line for line in rows if line.split()[0] == row["name"])) for row in as_json):
+        final = json.loads((Path(row["path"]) / "summary.json").read_text())["final"]
+        assert row["test_loss"] == final["test_loss"] and line.split()[-1] == f"{final['test_loss']:.4f}"
 
 
 def test_runs_with_no_runs_says_how_to_start(tmp_path):

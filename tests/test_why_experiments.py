@@ -21,7 +21,7 @@ WHY = sorted(path.stem for path in EXPERIMENTS.glob("why_*.toml"))
 
 def test_every_question_has_its_experiment():
     assert WHY == ["why_attention_score", "why_positions", "why_positions_length", "why_recurrence",
-                   "why_recurrence_text", "why_shared_blocks", "why_skip_connections"]
+                   "why_recurrence_text", "why_shared_blocks", "why_shared_blocks_text", "why_skip_connections"]
 
 
 @pytest.mark.parametrize("experiment", WHY)
@@ -64,12 +64,20 @@ def test_recurrence_on_text_compares_matched_parameters_on_characters():
     assert (transformer, lstm) == (114_125, 114_189)  # the figures the README's table names
     config = lab.load_experiment("why_recurrence_text").resolve()
     assert config.task.level == "char" and SweepSpec.build("why_recurrence_text").axes == {"model.arch": ["transformer", "lstm"]}
+    # why_shared_blocks_text's own-blocks point at d_mlp 256 is this transformer, so the two tables share a row
+    shared = lab.load_experiment("why_shared_blocks_text").resolve()
+    assert (shared.task, shared.train) == (config.task, config.train)
+    assert shared.model.model_dump(exclude={"lstm_hidden", "lstm_layers"}) == config.model.model_dump(exclude={"lstm_hidden", "lstm_layers"})
 
 
-def test_shared_blocks_budgets_are_the_ones_the_experiment_states():
-    counts = {(shared, d_mlp): params("why_shared_blocks", f"model.shared_blocks={shared}", f"model.d_mlp={d_mlp}")
+@pytest.mark.parametrize("experiment, expected", [
+    ("why_shared_blocks", {("false", 256): 104_085, ("false", 640): 203_157, ("true", 256): 54_101, ("true", 640): 103_637}),
+    ("why_shared_blocks_text", {("false", 256): 114_125, ("false", 640): 213_197, ("true", 256): 64_141, ("true", 640): 113_677}),
+])
+def test_shared_blocks_budgets_are_the_ones_the_experiment_states(experiment, expected):
+    counts = {(shared, d_mlp): params(experiment, f"model.shared_blocks={shared}", f"model.d_mlp={d_mlp}")
               for shared in ("false", "true") for d_mlp in (256, 640)}
-    assert counts == {("false", 256): 104_085, ("false", 640): 203_157, ("true", 256): 54_101, ("true", 640): 103_637}
+    assert counts == expected
     # matched parameters: the shared block at d_mlp 640 against separate blocks at d_mlp 256
     assert abs(counts["true", 640] - counts["false", 256]) <= 0.01 * counts["false", 256]
 

@@ -325,11 +325,11 @@ def list_runs(runs_dir: str | os.PathLike | None = None) -> list[dict]:
         if not (path / "config.json").exists() and not (path / "summary.json").exists():
             continue
         row = {"name": name, "sweep": sweep, "path": str(path), "task": None, "status": "damaged", "step": None, "steps": None,
-               "memorize_step": None, "grok_step": None, "arch": None, "n_params": None, "train_acc": None, "test_acc": None, "updated_at": path.stat().st_mtime}
+               "memorize_step": None, "grok_step": None, "arch": None, "n_params": None, "train_acc": None, "test_acc": None, "test_loss": None, "updated_at": path.stat().st_mtime}
         try:
             summary = _row_summary(path)
             row.update({k: summary.get(k) for k in ("task", "status", "step", "steps", "memorize_step", "grok_step", "arch", "n_params")})
-            row.update({k: (summary.get("final") or {}).get(k) for k in ("train_acc", "test_acc")})
+            row.update({k: (summary.get("final") or {}).get(k) for k in ("train_acc", "test_acc", "test_loss")})
             row["updated_at"] = summary.get("updated_at") or row["updated_at"]
         except (RunError, OSError) as err:  # one damaged run is listed as damaged; the others are unaffected
             row["status"] = "damaged"
