@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformer_lens.hook_points import HookPoint
 
+from lab.models.lookup import lookup_rows
 from lab.models.pooled import PooledModel
 
 
@@ -65,7 +66,7 @@ class CNNClassifier(PooledModel):
 
     def logits(self, tokens: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """tokens (batch, pos), real (batch, pos) -> logits (batch, d_vocab_out)."""
-        x = self.hook_embed(self.W_E[tokens])  # (batch, pos, d_model)
+        x = self.hook_embed(lookup_rows(self.W_E, tokens))  # (batch, pos, d_model)
         for layer in self.layers:
             x = layer(x, real)  # (batch, pos, channels)
         pooled = self.hook_pooled(x.masked_fill(~real[..., None], float("-inf")).amax(1))  # max over real positions

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 from transformer_lens.hook_points import HookPoint
 
+from lab.models.lookup import lookup_rows
 from lab.models.pooled import PooledModel
 
 
@@ -112,7 +113,7 @@ class LSTMModel(PooledModel):
 
     def hidden_states(self, tokens: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """tokens (batch, pos), real (batch, pos) -> the last layer's h after every position (batch, pos, hidden)."""
-        x = self.hook_embed(self.W_E[tokens])  # (batch, pos, d_model)
+        x = self.hook_embed(lookup_rows(self.W_E, tokens))  # (batch, pos, d_model)
         for layer in self.layers:
             x = layer(x, real)
         return x

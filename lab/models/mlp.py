@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformer_lens.hook_points import HookPoint
 
+from lab.models.lookup import lookup_rows
 from lab.models.pooled import PooledModel, masked_mean
 
 
@@ -65,7 +66,7 @@ class MLPClassifier(PooledModel):
     def logits(self, tokens: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """tokens (batch, pos), real (batch, pos) -> logits (batch, d_vocab_out)."""
         n_pos = tokens.shape[1]
-        embed = self.hook_embed(self.W_E[tokens] * real[..., None].to(self.W_E.dtype))  # (batch, pos, d_model)
+        embed = self.hook_embed(lookup_rows(self.W_E, tokens) * real[..., None].to(self.W_E.dtype))  # (batch, pos, d_model)
         if self.concat:
             if n_pos > self.cfg.n_ctx:
                 raise ValueError(f"input of {n_pos} positions is longer than this MLP's window of {self.cfg.n_ctx}")

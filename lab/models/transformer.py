@@ -37,6 +37,7 @@ from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from lab.config import ModelConfig
+from lab.models.lookup import lookup_rows
 
 
 # --- 0. LayerNorm --------------------------------------------------------------------------------
@@ -332,7 +333,7 @@ class Transformer(HookedRootModule):
         `key_padding` (batch, pos; True = padding) is given explicitly.
         """
         tokens, key_padding = self.prepare_input(tokens, key_padding)
-        resid = self.hook_embed(self.W_E[tokens])  # (batch, pos, d_model)
+        resid = self.hook_embed(lookup_rows(self.W_E, tokens))  # (batch, pos, d_model)
         if self.W_pos is not None:
             # W_pos[:pos] (pos, d_model) -> (batch, pos, d_model)
             resid = resid + self.hook_pos_embed(self.positions(tokens.shape[1]).expand_as(resid))
@@ -529,11 +530,11 @@ def _read_at(model: Transformer, tokens: torch.Tensor, position: int, key_paddin
     if len(model.blocks) == 1 and isinstance(block.ln1, nn.Identity):
         # one layer, no LayerNorm: attention reads embeddings straight from per-token tables
         scores, v = _scores_v_from_tokens(block.attn, model.W_E, model.W_pos, tokens, pos, n_keys)
-        resid_at = F.embedding(tokens[:, pos], model.W_E)  # (batch, d_model)
+        resid_at = lookup_rows(model.W_E, tokens[:, pos])  # (batch, d_model)
         if model.W_pos is not None:
             resid_at = resid_at + model.W_pos[pos]
     else:
-        resid = F.embedding(tokens, model.W_E)  # (batch, pos, d_model)
+        resid = lookup_rows(model.W_E, tokens)  # (batch, pos, d_model)
         if model.W_pos is not None:
             resid = resid + model.W_pos[:n_pos]
         for earlier in model.blocks[:-1]:
@@ -594,14 +595,14 @@ def _scores_v_from_tokens(attn: Attention, W_E: torch.Tensor, W_pos: torch.Tenso
     token_table = torch.addmm(b_QKV, W_E, W_QKV)  # (vocab, 3 * he)
     q_table = token_table[:, :he]  # (vocab, he): the query of each token at `pos`
     k_table = token_table[None, :, he:2 * he].expand(n_keys, vocab, he)  # (key, vocab, he)
-    v = F.embedding(tokens[:, :n_keys], token_table[:, 2 * he:])  # (batch, key, he)
+    v = lookup_rows(token_table[:, 2 * he:], tokens[:, :n_keys])  # (batch, key, he)
     if W_pos is not None:
         pos_table = W_pos[:n_keys] @ W_QKV  # (key, 3 * he)
         q_table = q_table + pos_table[pos, :he]
         k_table = k_table + pos_table[:, None, he:2 * he]  # each key position's own keys
         v = v + pos_table[:, 2 * he:]
     if vocab * vocab > batch * d_head:  # a table larger than the per-row products it would replace
-        q = F.embedding(tokens[:, pos], q_table).view(batch, 1, n_heads, d_head)
+        q = lookup_rows(q_table, tokens[:, pos]).view(batch, 1, n_heads, d_head)
         # key row of (position i, token t) = k_table[i, t]: (batch, key, head, d_head)
         k = k_table[torch.arange(n_keys, device=tokens.device), tokens[:, :n_keys]].view(batch, n_keys, n_heads, d_head)
         scores = (k * q).sum(-1) / math.sqrt(d_head)  # (batch, key, head)
@@ -610,7 +611,7 @@ def _scores_v_from_tokens(attn: Attention, W_E: torch.Tensor, W_pos: torch.Tenso
                              "query head d_head, key token head d_head -> query key token head") / math.sqrt(d_head)
         # each (row, key)'s entry of the flattened table: query token, then key position, then key token
         entry = (tokens[:, pos, None] * n_keys + torch.arange(n_keys, device=tokens.device)) * vocab + tokens[:, :n_keys]
-        scores = F.embedding(entry, score_table.reshape(-1, n_heads))  # (batch, key, head)
+        scores = lookup_rows(score_table.reshape(-1, n_heads), entry)  # (batch, key, head)
     return scores, v.view(batch, n_keys, n_heads, d_head)
 
 
@@ -640,7 +641,7 @@ def _read_at_by_rows(model: Transformer, tokens: torch.Tensor, pos: int, n_keys:
     W_QKV, b_QKV = _fused_qkv(block.attn)
     table = torch.addmm(b_QKV, block.ln1(model.W_E), W_QKV)  # (row, 3 * head * d_head)
     q_table, k_table, v_table = table.view(-1, 3, n_heads, d_head).unbind(1)  # each (row, head, d_head)
-    q = q_table[ids[:, pos]]  # (batch, head, d_head)
+    q = lookup_rows(q_table, ids[:, pos])  # (batch, head, d_head)
     row_scores = einsum(q, k_table, "batch head d_head, row head d_head -> batch head row") / math.sqrt(d_head)
     scores = row_scores.gather(-1, ids[:, None, :].expand(batch, n_heads, n_keys))  # (batch, head, key)
     if key_padding is not None:
@@ -649,7 +650,7 @@ def _read_at_by_rows(model: Transformer, tokens: torch.Tensor, pos: int, n_keys:
     # each key's attention added onto its row: (batch, head, key) -> (batch, head, row)
     row_weights = torch.zeros_like(row_scores).scatter_add(-1, ids[:, None, :].expand_as(pattern), pattern)
     z = einsum(row_weights, v_table, "batch head row, row head d_head -> batch head d_head")
-    return ReadAt(model.W_E[ids[:, pos]], z, pattern)
+    return ReadAt(lookup_rows(model.W_E, ids[:, pos]), z, pattern)
 
 
 def _attend_at(scores: torch.Tensor, v: torch.Tensor,
