@@ -604,7 +604,8 @@ def _scores_v_from_tokens(attn: Attention, W_E: torch.Tensor, W_pos: torch.Tenso
     if vocab * vocab > batch * d_head:  # a table larger than the per-row products it would replace
         q = lookup_rows(q_table, tokens[:, pos]).view(batch, 1, n_heads, d_head)
         # key row of (position i, token t) = k_table[i, t]: (batch, key, head, d_head)
-        k = k_table[torch.arange(n_keys, device=tokens.device), tokens[:, :n_keys]].view(batch, n_keys, n_heads, d_head)
+        entry = torch.arange(n_keys, device=tokens.device) * vocab + tokens[:, :n_keys]  # (batch, key): row of (i, t)
+        k = lookup_rows(k_table.reshape(n_keys * vocab, he), entry).view(batch, n_keys, n_heads, d_head)
         scores = (k * q).sum(-1) / math.sqrt(d_head)  # (batch, key, head)
     else:
         score_table = einsum(q_table.view(vocab, n_heads, d_head), k_table.reshape(n_keys, vocab, n_heads, d_head),
