@@ -228,7 +228,9 @@ def _runs_selection_both_ways(page, folder: Path, shots: Path) -> None:
     _wait_for(page, f"{untick['name']} out of the sidebar", lambda: untick["name"] not in _sidebar_runs(page))
     expected = [n for n in selected if n != untick["name"]] + ["mod23"]
     assert _sidebar_runs(page) == expected
-    assert {r["name"] for r in _table_rows(page) if r["ticked"]} == set(expected)
+    # the table redraws after the sidebar (a rerun, and the live run's refresh, may land in between)
+    _wait_for(page, f"the table's ticks to be {expected}",
+              lambda: {r["name"] for r in _table_rows(page) if r["ticked"]} == set(expected))
     _shoot(page, shots / "0_runs_ticked.png")
 
     page.get_by_role("link", name="Curves").click()  # the app's own navigation: the same session
